@@ -28,7 +28,7 @@ impl EnvGetter for [(String, String)] {
 
 impl EnvGetter for Vec<(String, String)> {
     fn get(&self, key: &str) -> Option<String> {
-        self.as_slice().get(key)
+        EnvGetter::get(self.as_slice(), key)
     }
 }
 
