@@ -5,6 +5,8 @@
 //! digests across processes and machines. Display names and other metadata live in
 //! [`NodeMeta`], outside the digests, so renaming a step never breaks the cache.
 
+pub mod image;
+
 use std::collections::BTreeMap;
 use std::fmt;
 
