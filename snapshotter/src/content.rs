@@ -1,72 +1,190 @@
 //! The content store: `blobs/sha256/<hex>` (the OCI image layout), written through
 //! `ingest/` temp files that are renamed into place only once their digest checks.
+//!
+//! A blob is placed with link(2), which never replaces an existing file, so any number of
+//! writers (threads or processes) may commit the same blob at once: one wins, the others
+//! find it present and drop their temp file.
 
-use std::fs::File;
+use std::fs::{self, File};
+use std::io::{Read, Write};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
+use sha2::{Digest as _, Sha256};
 use strata_dag::Digest;
 
-use crate::Result;
+use crate::{Error, Result};
 
 pub struct ContentStore {
-    #[allow(dead_code)]
     root: PathBuf,
 }
 
 /// A blob being written; nothing is visible in the store until [`Writer::commit`].
+/// Dropping it uncommitted deletes the temp file.
 pub struct Writer {
-    _private: (),
+    file: tempfile::NamedTempFile,
+    hasher: Sha256,
+    size: u64,
+    blobs: PathBuf,
 }
 
 impl std::io::Write for Writer {
-    fn write(&mut self, _buf: &[u8]) -> std::io::Result<usize> {
-        todo!()
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.file.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.size += n as u64;
+        Ok(n)
     }
     fn flush(&mut self) -> std::io::Result<()> {
-        todo!()
+        self.file.flush()
     }
 }
 
+fn digest_of(hasher: Sha256) -> Digest {
+    // Infallible: the formatted string is always a valid sha256 digest.
+    Digest::parse(&format!("sha256:{}", hex::encode(hasher.finalize())))
+        .unwrap_or_else(|| Digest::of(b""))
+}
+
 impl Writer {
+    /// Bytes written so far.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
     /// Fsyncs, checks `expected` (when given) against the running digest, and renames the
     /// blob into place. A blob already present is not an error: its digest is returned.
-    pub fn commit(self, _expected: Option<&Digest>) -> Result<(Digest, u64)> {
-        todo!()
+    pub fn commit(mut self, expected: Option<&Digest>) -> Result<(Digest, u64)> {
+        self.file
+            .flush()
+            .map_err(|e| Error::io("flush blob", e))?;
+        self.file
+            .as_file()
+            .sync_all()
+            .map_err(|e| Error::io("sync blob", e))?;
+        let digest = digest_of(self.hasher);
+        if let Some(exp) = expected {
+            if exp != &digest {
+                return Err(Error::DigestMismatch {
+                    expected: exp.to_string(),
+                    actual: digest.to_string(),
+                });
+            }
+        }
+        self.file
+            .as_file()
+            .set_permissions(fs::Permissions::from_mode(0o444))
+            .map_err(|e| Error::io("set blob permissions", e))?;
+        let target = self.blobs.join(digest.hex());
+        match self.file.persist_noclobber(&target) {
+            Ok(_) => Ok((digest, self.size)),
+            Err(e) if e.error.kind() == std::io::ErrorKind::AlreadyExists => {
+                Ok((digest, self.size))
+            }
+            Err(e) => Err(Error::io("move blob into place", e.error)),
+        }
     }
 }
 
 impl ContentStore {
+    /// Opens (creating if needed) a store rooted at `root`.
     pub fn open(root: &Path) -> Result<Self> {
+        for d in ["blobs/sha256", "ingest"] {
+            fs::create_dir_all(root.join(d))
+                .map_err(|e| Error::io(format!("create content store {}", root.display()), e))?;
+        }
         Ok(ContentStore {
             root: root.to_path_buf(),
         })
     }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
     pub fn writer(&self) -> Result<Writer> {
-        todo!()
+        let file = tempfile::Builder::new()
+            .prefix("ingest-")
+            .tempfile_in(self.root.join("ingest"))
+            .map_err(|e| Error::io("create ingest file", e))?;
+        Ok(Writer {
+            file,
+            hasher: Sha256::new(),
+            size: 0,
+            blobs: self.root.join("blobs/sha256"),
+        })
     }
+
     /// Writes `bytes` as a blob and returns its digest.
-    pub fn put(&self, _bytes: &[u8], _expected: Option<&Digest>) -> Result<(Digest, u64)> {
-        todo!()
+    pub fn put(&self, bytes: &[u8], expected: Option<&Digest>) -> Result<(Digest, u64)> {
+        let mut w = self.writer()?;
+        w.write_all(bytes)
+            .map_err(|e| Error::io("write blob", e))?;
+        w.commit(expected)
     }
-    pub fn exists(&self, _digest: &Digest) -> bool {
-        todo!()
+
+    pub fn exists(&self, digest: &Digest) -> bool {
+        self.path(digest).is_file()
     }
-    pub fn path(&self, _digest: &Digest) -> PathBuf {
-        todo!()
+
+    /// Where the blob lives (whether or not it exists).
+    pub fn path(&self, digest: &Digest) -> PathBuf {
+        self.root.join("blobs/sha256").join(digest.hex())
     }
-    pub fn open_blob(&self, _digest: &Digest) -> Result<File> {
-        todo!()
+
+    pub fn open_blob(&self, digest: &Digest) -> Result<File> {
+        File::open(self.path(digest)).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => Error::BlobNotFound(digest.to_string()),
+            _ => Error::io(format!("open blob {digest}"), e),
+        })
     }
-    pub fn read(&self, _digest: &Digest) -> Result<Vec<u8>> {
-        todo!()
+
+    pub fn read(&self, digest: &Digest) -> Result<Vec<u8>> {
+        let mut out = Vec::new();
+        self.open_blob(digest)?
+            .read_to_end(&mut out)
+            .map_err(|e| Error::io(format!("read blob {digest}"), e))?;
+        Ok(out)
     }
-    pub fn size(&self, _digest: &Digest) -> Result<u64> {
-        todo!()
+
+    pub fn size(&self, digest: &Digest) -> Result<u64> {
+        fs::metadata(self.path(digest))
+            .map(|m| m.len())
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::NotFound => Error::BlobNotFound(digest.to_string()),
+                _ => Error::io(format!("stat blob {digest}"), e),
+            })
     }
-    pub fn delete(&self, _digest: &Digest) -> Result<()> {
-        todo!()
+
+    pub fn delete(&self, digest: &Digest) -> Result<()> {
+        fs::remove_file(self.path(digest)).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => Error::BlobNotFound(digest.to_string()),
+            _ => Error::io(format!("delete blob {digest}"), e),
+        })
     }
-    pub fn walk(&self, _f: &mut dyn FnMut(&Digest, u64)) -> Result<()> {
-        todo!()
+
+    /// Calls `f` with every blob's digest and size, in digest order.
+    pub fn walk(&self, f: &mut dyn FnMut(&Digest, u64)) -> Result<()> {
+        let dir = self.root.join("blobs/sha256");
+        let mut blobs = Vec::new();
+        for entry in fs::read_dir(&dir).map_err(|e| Error::io("list blobs", e))? {
+            let entry = entry.map_err(|e| Error::io("list blobs", e))?;
+            let name = entry.file_name();
+            let Some(d) = name
+                .to_str()
+                .and_then(|n| Digest::parse(&format!("sha256:{n}")))
+            else {
+                continue;
+            };
+            let meta = entry.metadata().map_err(|e| Error::io("stat blob", e))?;
+            if meta.is_file() {
+                blobs.push((d, meta.len()));
+            }
+        }
+        blobs.sort();
+        for (d, size) in &blobs {
+            f(d, *size);
+        }
+        Ok(())
     }
 }

@@ -3,13 +3,30 @@
 //! On disk a snapshot uses overlayfs' own format (a whiteout is a 0:0 char device, an
 //! opaque dir has `trusted.overlay.opaque=y`); in a layer tar they are OCI's `.wh.<name>`
 //! and `.wh..wh..opq`.
+//!
+//! Extraction never leaves `dest`: every parent directory is opened with openat2(2)
+//! `RESOLVE_IN_ROOT`, so `..` and symlinks (absolute or relative) resolve as if `dest` were
+//! `/`, and the final component is created relative to that directory fd without following
+//! it. Entries naming `..` are refused outright.
 
-use std::io::{Read, Write};
-use std::path::Path;
+use std::collections::HashMap;
+use std::ffi::{CStr, CString, OsStr};
+use std::fs;
+use std::io::{self, Cursor, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
 
+use sha2::{Digest as _, Sha256};
 use strata_dag::Digest;
 
-use crate::Result;
+use crate::{Error, Result};
+
+const WHITEOUT_PREFIX: &[u8] = b".wh.";
+const OPAQUE_MARKER: &[u8] = b".wh..wh..opq";
+const OPAQUE_XATTR: &str = "trusted.overlay.opaque";
+const PAX_XATTR: &str = "SCHILY.xattr.";
 
 /// What applying a layer produced.
 #[derive(Clone, Debug)]
@@ -26,16 +43,766 @@ pub struct DiffOptions {
     pub source_date_epoch: Option<i64>,
 }
 
+fn digest_of(hasher: Sha256) -> Digest {
+    let s = format!("sha256:{}", hex::encode(hasher.finalize()));
+    // A formatted sha256 always parses; the fallback only keeps this panic-free.
+    Digest::parse(&s).unwrap_or_else(|| Digest::of(s.as_bytes()))
+}
+
+struct HashingReader<R> {
+    inner: R,
+    hasher: Sha256,
+    count: u64,
+}
+
+impl<R: Read> Read for HashingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.count += n as u64;
+        Ok(n)
+    }
+}
+
+struct HashingWriter<W> {
+    inner: W,
+    hasher: Sha256,
+}
+
+impl<W: Write> Write for HashingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Apply
+// ---------------------------------------------------------------------------------------
+
+fn unsafe_entry(path: &[u8], reason: &str) -> Error {
+    Error::UnsafeEntry {
+        path: String::from_utf8_lossy(path).into_owned(),
+        reason: reason.to_string(),
+    }
+}
+
+fn last_err() -> io::Error {
+    io::Error::last_os_error()
+}
+
+fn cstr(b: &[u8]) -> io::Result<CString> {
+    CString::new(b).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "nul byte in path"))
+}
+
+/// openat2(dirfd, path, O_PATH|O_DIRECTORY) with `dirfd` acting as the root.
+fn open_in_root(root: &OwnedFd, path: &[u8]) -> io::Result<OwnedFd> {
+    let p = cstr(if path.is_empty() { b"." } else { path })?;
+    // SAFETY: open_how is plain data; zero is a valid initial value.
+    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
+    how.flags = (libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC) as u64;
+    how.resolve = libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS;
+    loop {
+        // SAFETY: valid fd, NUL-terminated path and a correctly sized open_how.
+        let fd = unsafe {
+            libc::syscall(
+                libc::SYS_openat2,
+                root.as_raw_fd(),
+                p.as_ptr(),
+                &how as *const libc::open_how,
+                std::mem::size_of::<libc::open_how>(),
+            )
+        };
+        if fd >= 0 {
+            let fd = i32::try_from(fd).map_err(|_| io::Error::other("fd out of range"))?;
+            // SAFETY: the kernel just returned this fd to us.
+            return Ok(unsafe { OwnedFd::from_raw_fd(fd) });
+        }
+        let err = last_err();
+        // EAGAIN: a concurrent rename raced the resolution; the kernel asks us to retry.
+        if err.raw_os_error() != Some(libc::EAGAIN) && err.kind() != io::ErrorKind::Interrupted
+        {
+            return Err(err);
+        }
+    }
+}
+
+fn join(comps: &[&[u8]]) -> Vec<u8> {
+    comps.join(&b'/')
+}
+
+/// Opens the directory `comps` inside root, creating missing components (mode 0755).
+fn resolve_dir(root: &OwnedFd, comps: &[&[u8]], create: bool) -> io::Result<OwnedFd> {
+    let mut cur = open_in_root(root, b"")?;
+    for i in 0..comps.len() {
+        let prefix = join(&comps[..=i]);
+        cur = match open_in_root(root, &prefix) {
+            Ok(fd) => fd,
+            Err(e) if create && e.kind() == io::ErrorKind::NotFound => {
+                let name = cstr(comps[i])?;
+                // SAFETY: valid dir fd and NUL-terminated name.
+                if unsafe { libc::mkdirat(cur.as_raw_fd(), name.as_ptr(), 0o755) } != 0 {
+                    let err = last_err();
+                    if err.kind() != io::ErrorKind::AlreadyExists {
+                        return Err(err);
+                    }
+                }
+                open_in_root(root, &prefix)?
+            }
+            Err(e) => return Err(e),
+        };
+    }
+    Ok(cur)
+}
+
+fn proc_path(dir: &OwnedFd, name: &[u8]) -> PathBuf {
+    let mut p = format!("/proc/self/fd/{}/", dir.as_raw_fd()).into_bytes();
+    p.extend_from_slice(name);
+    PathBuf::from(OsStr::from_bytes(&p))
+}
+
+fn lstat_at(dir: &OwnedFd, name: &CStr) -> io::Result<Option<libc::stat>> {
+    // SAFETY: stat is plain data filled in by the kernel.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: valid fd, NUL-terminated name, writable stat buffer.
+    let rc = unsafe {
+        libc::fstatat(
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            &mut st,
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    };
+    if rc == 0 {
+        return Ok(Some(st));
+    }
+    let err = last_err();
+    if err.kind() == io::ErrorKind::NotFound {
+        Ok(None)
+    } else {
+        Err(err)
+    }
+}
+
+fn is_dir(st: &libc::stat) -> bool {
+    st.st_mode & libc::S_IFMT == libc::S_IFDIR
+}
+
+/// Removes whatever `name` is in `dir` (a directory recursively, never following links).
+fn remove_at(dir: &OwnedFd, name: &[u8]) -> io::Result<()> {
+    let c = cstr(name)?;
+    match lstat_at(dir, &c)? {
+        None => Ok(()),
+        Some(st) if is_dir(&st) => fs::remove_dir_all(proc_path(dir, name)),
+        Some(_) => {
+            // SAFETY: valid fd and NUL-terminated name.
+            if unsafe { libc::unlinkat(dir.as_raw_fd(), c.as_ptr(), 0) } != 0 {
+                return Err(last_err());
+            }
+            Ok(())
+        }
+    }
+}
+
+fn check(rc: libc::c_int) -> io::Result<()> {
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(last_err())
+    }
+}
+
+/// Splits an entry path into components, dropping a leading `/` and `.` parts; `None`
+/// when it names `..`.
+fn components(path: &[u8]) -> Option<Vec<&[u8]>> {
+    let mut out = Vec::new();
+    for c in path.split(|b| *b == b'/') {
+        match c {
+            b"" | b"." => {}
+            b".." => return None,
+            c => out.push(c),
+        }
+    }
+    Some(out)
+}
+
+#[derive(Default)]
+struct Meta {
+    uid: u64,
+    gid: u64,
+    mode: u32,
+    mtime: (i64, i64),
+    xattrs: Vec<(String, Vec<u8>)>,
+}
+
+fn parse_pax_time(v: &str) -> Option<(i64, i64)> {
+    let (secs, frac) = v.split_once('.').unwrap_or((v, ""));
+    let secs: i64 = secs.parse().ok()?;
+    let mut digits: String = frac.chars().take(9).collect();
+    while digits.len() < 9 {
+        digits.push('0');
+    }
+    let nanos: i64 = digits.parse().unwrap_or(0);
+    Some((secs, nanos))
+}
+
+fn entry_meta<R: Read>(entry: &mut tar::Entry<'_, R>) -> io::Result<Meta> {
+    let h = entry.header();
+    let mut m = Meta {
+        uid: h.uid()?,
+        gid: h.gid()?,
+        mode: h.mode()? & 0o7777,
+        mtime: (i64::try_from(h.mtime()?).unwrap_or(0), 0),
+        xattrs: Vec::new(),
+    };
+    if let Some(exts) = entry.pax_extensions()? {
+        for ext in exts {
+            let ext = ext?;
+            let Ok(key) = ext.key() else { continue };
+            let value = ext.value_bytes();
+            let text = std::str::from_utf8(value).unwrap_or("");
+            match key {
+                "uid" => m.uid = text.parse().unwrap_or(m.uid),
+                "gid" => m.gid = text.parse().unwrap_or(m.gid),
+                "mtime" => m.mtime = parse_pax_time(text).unwrap_or(m.mtime),
+                k => {
+                    if let Some(name) = k.strip_prefix(PAX_XATTR) {
+                        m.xattrs.push((name.to_string(), value.to_vec()));
+                    }
+                }
+            }
+        }
+    }
+    Ok(m)
+}
+
+fn set_times(dir: &OwnedFd, name: &CStr, (secs, nanos): (i64, i64)) -> io::Result<()> {
+    let ts = libc::timespec {
+        tv_sec: secs,
+        tv_nsec: nanos,
+    };
+    let times = [ts, ts];
+    // SAFETY: valid fd, name and a two-element timespec array.
+    check(unsafe {
+        libc::utimensat(
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            times.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    })
+}
+
+/// Owner, then mode (chown clears setuid bits), then xattrs (chown clears capabilities).
+fn set_meta(dir: &OwnedFd, name: &[u8], meta: &Meta, symlink: bool) -> io::Result<()> {
+    let c = cstr(name)?;
+    let uid = u32::try_from(meta.uid).map_err(|_| io::Error::other("uid out of range"))?;
+    let gid = u32::try_from(meta.gid).map_err(|_| io::Error::other("gid out of range"))?;
+    // SAFETY: valid fd and NUL-terminated name; never follows a final symlink.
+    check(unsafe {
+        libc::fchownat(
+            dir.as_raw_fd(),
+            c.as_ptr(),
+            uid,
+            gid,
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    })?;
+    if !symlink {
+        // SAFETY: as above; the entry was just created by us and is not a symlink.
+        check(unsafe { libc::fchmodat(dir.as_raw_fd(), c.as_ptr(), meta.mode, 0) })?;
+    }
+    for (k, v) in &meta.xattrs {
+        xattr::set(proc_path(dir, name), k, v)?;
+    }
+    Ok(())
+}
+
 /// Applies a layer (gzip, zstd or plain tar, detected by magic bytes) into `dest`, the
 /// upper dir of an active snapshot, converting OCI whiteouts to overlay whiteouts. Entries
 /// that would escape `dest` are refused.
-pub fn apply_layer(_layer: impl Read, _dest: &Path) -> Result<Applied> {
-    todo!()
+pub fn apply_layer(layer: impl Read, dest: &Path) -> Result<Applied> {
+    let mut layer = layer;
+    let mut magic = [0u8; 4];
+    let mut got = 0;
+    while got < magic.len() {
+        match layer.read(&mut magic[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(Error::io("read layer", e)),
+        }
+    }
+    let prefixed = Cursor::new(magic[..got].to_vec()).chain(layer);
+    let decoded: Box<dyn Read> = if magic[..got].starts_with(&[0x1f, 0x8b]) {
+        Box::new(flate2::read::MultiGzDecoder::new(prefixed))
+    } else if magic[..got] == [0x28, 0xb5, 0x2f, 0xfd] {
+        Box::new(
+            zstd::stream::read::Decoder::new(prefixed)
+                .map_err(|e| Error::io("start zstd decoder", e))?,
+        )
+    } else {
+        Box::new(prefixed)
+    };
+    let mut archive = tar::Archive::new(HashingReader {
+        inner: decoded,
+        hasher: Sha256::new(),
+        count: 0,
+    });
+    let root_file = fs::File::open(dest)
+        .map_err(|e| Error::io(format!("open layer destination {}", dest.display()), e))?;
+    let root = OwnedFd::from(root_file);
+    let mut dir_times: Vec<(Vec<u8>, (i64, i64))> = Vec::new();
+    for entry in archive
+        .entries()
+        .map_err(|e| Error::io("read layer tar", e))?
+    {
+        let mut entry = entry.map_err(|e| Error::io("read layer tar entry", e))?;
+        apply_entry(&root, &mut entry, &mut dir_times)?;
+    }
+    // Directory times last: creating their children would have bumped them.
+    for (path, t) in dir_times.iter().rev() {
+        let Some(comps) = components(path) else {
+            continue;
+        };
+        let Some((name, parents)) = comps.split_last() else {
+            continue;
+        };
+        let r = resolve_dir(&root, parents, false).and_then(|d| set_times(&d, &cstr(name)?, *t));
+        match r {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(Error::io(
+                    format!("set times of {}", String::from_utf8_lossy(path)),
+                    e,
+                ))
+            }
+        }
+    }
+    let mut rest = archive.into_inner();
+    io::copy(&mut rest, &mut io::sink()).map_err(|e| Error::io("read layer trailer", e))?;
+    Ok(Applied {
+        diff_id: digest_of(rest.hasher),
+        uncompressed_size: rest.count,
+    })
+}
+
+fn apply_entry<R: Read>(
+    root: &OwnedFd,
+    entry: &mut tar::Entry<'_, R>,
+    dir_times: &mut Vec<(Vec<u8>, (i64, i64))>,
+) -> Result<()> {
+    let path = entry.path_bytes().into_owned();
+    let io_err = |action: &str, e: io::Error| {
+        Error::io(
+            format!("{action} {}", String::from_utf8_lossy(&path)),
+            e,
+        )
+    };
+    let kind = entry.header().entry_type();
+    if matches!(
+        kind,
+        tar::EntryType::XGlobalHeader | tar::EntryType::XHeader | tar::EntryType::GNULongName
+    ) {
+        return Ok(());
+    }
+    let comps = components(&path).ok_or_else(|| unsafe_entry(&path, "path contains \"..\""))?;
+    let Some((&name, parents)) = comps.split_last() else {
+        // The layer root itself: `dest` keeps its own metadata.
+        return Ok(());
+    };
+    let parent =
+        resolve_dir(root, parents, true).map_err(|e| io_err("create parent directory of", e))?;
+    let meta = entry_meta(entry).map_err(|e| io_err("read header of", e))?;
+
+    if name == OPAQUE_MARKER {
+        xattr::set(proc_path(&parent, b"."), OPAQUE_XATTR, b"y")
+            .map_err(|e| io_err("mark opaque", e))?;
+        return Ok(());
+    }
+    if let Some(hidden) = name.strip_prefix(WHITEOUT_PREFIX) {
+        if hidden.is_empty() || hidden == b"." || hidden == b".." {
+            return Err(unsafe_entry(&path, "whiteout names no file"));
+        }
+        remove_at(&parent, hidden).map_err(|e| io_err("replace", e))?;
+        let c = cstr(hidden).map_err(|e| io_err("whiteout", e))?;
+        // SAFETY: valid fd and name; a 0:0 char device is overlayfs' whiteout.
+        check(unsafe {
+            libc::mknodat(parent.as_raw_fd(), c.as_ptr(), libc::S_IFCHR, 0)
+        })
+        .map_err(|e| io_err("create whiteout for", e))?;
+        return Ok(());
+    }
+
+    let cname = cstr(name).map_err(|e| io_err("create", e))?;
+    let existing = lstat_at(&parent, &cname).map_err(|e| io_err("stat", e))?;
+    if kind.is_dir() {
+        if !existing.as_ref().is_some_and(is_dir) {
+            remove_at(&parent, name).map_err(|e| io_err("replace", e))?;
+            // SAFETY: valid fd and name.
+            check(unsafe { libc::mkdirat(parent.as_raw_fd(), cname.as_ptr(), 0o700) })
+                .map_err(|e| io_err("create directory", e))?;
+        }
+        set_meta(&parent, name, &meta, false).map_err(|e| io_err("set metadata of", e))?;
+        dir_times.push((path.clone(), meta.mtime));
+        return Ok(());
+    }
+    if existing.is_some() {
+        remove_at(&parent, name).map_err(|e| io_err("replace", e))?;
+    }
+    let pfd = parent.as_raw_fd();
+    match kind {
+        tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::GNUSparse => {
+            // SAFETY: valid fd and name; O_EXCL|O_NOFOLLOW never opens an existing link.
+            let fd = unsafe {
+                libc::openat(
+                    pfd,
+                    cname.as_ptr(),
+                    libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+                    0o600,
+                )
+            };
+            if fd < 0 {
+                return Err(io_err("create file", last_err()));
+            }
+            // SAFETY: the fd was just returned by openat.
+            let mut file = fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+            io::copy(entry, &mut file).map_err(|e| io_err("write file", e))?;
+        }
+        tar::EntryType::Symlink => {
+            let target = entry
+                .link_name_bytes()
+                .ok_or_else(|| unsafe_entry(&path, "symlink without target"))?;
+            let t = cstr(&target).map_err(|e| io_err("create symlink", e))?;
+            // SAFETY: valid fd and NUL-terminated strings.
+            check(unsafe { libc::symlinkat(t.as_ptr(), pfd, cname.as_ptr()) })
+                .map_err(|e| io_err("create symlink", e))?;
+        }
+        tar::EntryType::Link => {
+            let target = entry
+                .link_name_bytes()
+                .ok_or_else(|| unsafe_entry(&path, "hardlink without target"))?
+                .into_owned();
+            let tcomps = components(&target)
+                .ok_or_else(|| unsafe_entry(&path, "hardlink target contains \"..\""))?;
+            let Some((&tname, tparents)) = tcomps.split_last() else {
+                return Err(unsafe_entry(&path, "hardlink to the layer root"));
+            };
+            let tdir = resolve_dir(root, tparents, false)
+                .map_err(|e| io_err("resolve hardlink target of", e))?;
+            let tc = cstr(tname).map_err(|e| io_err("create hardlink", e))?;
+            // SAFETY: valid fds and names; flags 0 links a final symlink itself.
+            check(unsafe {
+                libc::linkat(tdir.as_raw_fd(), tc.as_ptr(), pfd, cname.as_ptr(), 0)
+            })
+            .map_err(|e| io_err("create hardlink", e))?;
+            // The inode's metadata came with its first entry.
+            return Ok(());
+        }
+        tar::EntryType::Char | tar::EntryType::Block | tar::EntryType::Fifo => {
+            let h = entry.header();
+            let major = h.device_major().ok().flatten().unwrap_or(0);
+            let minor = h.device_minor().ok().flatten().unwrap_or(0);
+            let ftype = match kind {
+                tar::EntryType::Char => libc::S_IFCHR,
+                tar::EntryType::Block => libc::S_IFBLK,
+                _ => libc::S_IFIFO,
+            };
+            let dev = libc::makedev(major, minor);
+            // SAFETY: valid fd and name.
+            check(unsafe { libc::mknodat(pfd, cname.as_ptr(), ftype | 0o600, dev) })
+                .map_err(|e| io_err("create device", e))?;
+        }
+        // Other types (sockets do not exist in tar; vendor extensions) carry no file.
+        _ => return Ok(()),
+    }
+    let symlink = kind == tar::EntryType::Symlink;
+    set_meta(&parent, name, &meta, symlink).map_err(|e| io_err("set metadata of", e))?;
+    set_times(&parent, &cname, meta.mtime).map_err(|e| io_err("set times of", e))?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// Write
+// ---------------------------------------------------------------------------------------
+
+struct TarOut<W: Write> {
+    out: HashingWriter<W>,
+    /// (dev, ino) of multiply-linked files already written, with their tar path.
+    links: HashMap<(u64, u64), Vec<u8>>,
+    epoch: Option<i64>,
+}
+
+fn pax_record(key: &str, value: &[u8]) -> Vec<u8> {
+    let base = key.len() + value.len() + 3;
+    let mut len = base + 1;
+    while base + len.to_string().len() != len {
+        len = base + len.to_string().len();
+    }
+    let mut r = format!("{len} {key}=").into_bytes();
+    r.extend_from_slice(value);
+    r.push(b'\n');
+    r
+}
+
+/// Stores `path` in the ustar name/prefix fields; false when it does not fit.
+fn set_ustar_path(h: &mut tar::Header, path: &[u8]) -> bool {
+    let Some(u) = h.as_ustar_mut() else {
+        return false;
+    };
+    if path.len() <= u.name.len() {
+        u.name[..path.len()].copy_from_slice(path);
+        return true;
+    }
+    // Split at a '/' so the prefix holds at most 155 bytes and the name at most 100.
+    for (i, b) in path.iter().enumerate() {
+        if *b == b'/' && i <= u.prefix.len() && path.len() - i - 1 <= u.name.len() && i > 0 {
+            let name = &path[i + 1..];
+            if name.is_empty() {
+                continue;
+            }
+            u.prefix[..i].copy_from_slice(&path[..i]);
+            u.name[..name.len()].copy_from_slice(name);
+            return true;
+        }
+    }
+    let n = u.name.len();
+    u.name.copy_from_slice(&path[..n]);
+    false
+}
+
+fn pad(len: u64) -> usize {
+    // Always < 512, so the cast cannot truncate.
+    ((512 - (len % 512)) % 512) as usize
+}
+
+impl<W: Write> TarOut<W> {
+    fn clamp(&self, mtime: i64) -> u64 {
+        let t = match self.epoch {
+            Some(e) if mtime > e => e,
+            _ => mtime,
+        };
+        u64::try_from(t).unwrap_or(0)
+    }
+
+    fn raw(&mut self, bytes: &[u8]) -> Result<()> {
+        self.out
+            .write_all(bytes)
+            .map_err(|e| Error::io("write layer tar", e))
+    }
+
+    /// Writes one entry: a PAX header when needed, the ustar header, then `data`.
+    #[allow(clippy::too_many_arguments)]
+    fn entry(
+        &mut self,
+        path: &[u8],
+        kind: tar::EntryType,
+        meta: &fs::Metadata,
+        mode: u32,
+        link: Option<&[u8]>,
+        xattrs: &[(String, Vec<u8>)],
+        data: Option<(&Path, u64)>,
+    ) -> Result<()> {
+        let mut h = tar::Header::new_ustar();
+        h.set_entry_type(kind);
+        h.set_mode(mode);
+        h.set_uid(u64::from(meta.uid()));
+        h.set_gid(u64::from(meta.gid()));
+        h.set_mtime(self.clamp(meta.mtime()));
+        h.set_size(data.map_or(0, |(_, n)| n));
+        if matches!(kind, tar::EntryType::Char | tar::EntryType::Block) {
+            let rdev = meta.rdev();
+            h.set_device_major(libc::major(rdev))
+                .map_err(|e| Error::io("set device number", e))?;
+            h.set_device_minor(libc::minor(rdev))
+                .map_err(|e| Error::io("set device number", e))?;
+        }
+        let mut records = Vec::new();
+        if !set_ustar_path(&mut h, path) {
+            records.extend(pax_record("path", path));
+        }
+        if let Some(l) = link {
+            if l.len() <= 100 {
+                h.as_old_mut().linkname[..l.len()].copy_from_slice(l);
+            } else {
+                h.as_old_mut().linkname.copy_from_slice(&l[..100]);
+                records.extend(pax_record("linkpath", l));
+            }
+        }
+        for (k, v) in xattrs {
+            records.extend(pax_record(&format!("{PAX_XATTR}{k}"), v));
+        }
+        if !records.is_empty() {
+            let mut ph = tar::Header::new_ustar();
+            ph.set_entry_type(tar::EntryType::XHeader);
+            set_ustar_path(&mut ph, b"PaxHeader");
+            ph.set_mode(0o644);
+            ph.set_uid(0);
+            ph.set_gid(0);
+            ph.set_mtime(0);
+            ph.set_size(records.len() as u64);
+            ph.set_cksum();
+            self.raw(ph.as_bytes())?;
+            self.raw(&records)?;
+            self.raw(&[0u8; 512][..pad(records.len() as u64)])?;
+        }
+        h.set_cksum();
+        self.raw(h.as_bytes())?;
+        if let Some((src, size)) = data {
+            let f = fs::File::open(src)
+                .map_err(|e| Error::io(format!("open {}", src.display()), e))?;
+            let copied = io::copy(&mut f.take(size), &mut self.out)
+                .map_err(|e| Error::io(format!("copy {}", src.display()), e))?;
+            if copied != size {
+                return Err(Error::io(
+                    format!("copy {}", src.display()),
+                    io::Error::new(io::ErrorKind::UnexpectedEof, "file shrank while read"),
+                ));
+            }
+            self.raw(&[0u8; 512][..pad(size)])?;
+        }
+        Ok(())
+    }
+}
+
+/// The xattrs worth carrying in a layer, sorted; overlayfs' private ones stay behind.
+fn layer_xattrs(path: &Path) -> Result<Vec<(String, Vec<u8>)>> {
+    let mut out = Vec::new();
+    let names = match xattr::list(path) {
+        Ok(n) => n,
+        Err(e) if e.raw_os_error() == Some(libc::ENOTSUP) => return Ok(out),
+        Err(e) => return Err(Error::io(format!("list xattrs of {}", path.display()), e)),
+    };
+    for name in names {
+        let Some(n) = name.to_str() else { continue };
+        if n.starts_with("trusted.overlay.") {
+            continue;
+        }
+        if let Some(v) = xattr::get(path, &name)
+            .map_err(|e| Error::io(format!("read xattr of {}", path.display()), e))?
+        {
+            out.push((n.to_string(), v));
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+fn is_opaque(path: &Path) -> Result<bool> {
+    match xattr::get(path, OPAQUE_XATTR) {
+        Ok(v) => Ok(v.as_deref() == Some(b"y")),
+        Err(e) if e.raw_os_error() == Some(libc::ENOTSUP) => Ok(false),
+        Err(e) => Err(Error::io(format!("read xattr of {}", path.display()), e)),
+    }
+}
+
+fn write_dir<W: Write>(out: &mut TarOut<W>, dir: &Path, rel: &[u8]) -> Result<()> {
+    let mut children: Vec<_> = fs::read_dir(dir)
+        .map_err(|e| Error::io(format!("list {}", dir.display()), e))?
+        .map(|e| e.map(|e| e.file_name()))
+        .collect::<io::Result<_>>()
+        .map_err(|e| Error::io(format!("list {}", dir.display()), e))?;
+    children.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+    for name in children {
+        let full = dir.join(&name);
+        let mut path = rel.to_vec();
+        if !path.is_empty() {
+            path.push(b'/');
+        }
+        path.extend_from_slice(name.as_bytes());
+        let meta = fs::symlink_metadata(&full)
+            .map_err(|e| Error::io(format!("stat {}", full.display()), e))?;
+        let ft = meta.file_type();
+        let mode = meta.mode() & 0o7777;
+        if ft.is_char_device() && meta.rdev() == 0 {
+            let mut wh = rel.to_vec();
+            if !wh.is_empty() {
+                wh.push(b'/');
+            }
+            wh.extend_from_slice(WHITEOUT_PREFIX);
+            wh.extend_from_slice(name.as_bytes());
+            out.entry(&wh, tar::EntryType::Regular, &meta, mode, None, &[], None)?;
+        } else if ft.is_dir() {
+            let xattrs = layer_xattrs(&full)?;
+            let mut dpath = path.clone();
+            dpath.push(b'/');
+            out.entry(&dpath, tar::EntryType::Directory, &meta, mode, None, &xattrs, None)?;
+            if is_opaque(&full)? {
+                let mut marker = path.clone();
+                marker.push(b'/');
+                marker.extend_from_slice(OPAQUE_MARKER);
+                out.entry(&marker, tar::EntryType::Regular, &meta, 0, None, &[], None)?;
+            }
+            write_dir(out, &full, &path)?;
+        } else if ft.is_symlink() {
+            let target = fs::read_link(&full)
+                .map_err(|e| Error::io(format!("read link {}", full.display()), e))?;
+            let xattrs = layer_xattrs(&full)?;
+            out.entry(
+                &path,
+                tar::EntryType::Symlink,
+                &meta,
+                mode,
+                Some(target.as_os_str().as_bytes()),
+                &xattrs,
+                None,
+            )?;
+        } else if ft.is_file() {
+            if meta.nlink() > 1 {
+                let key = (meta.dev(), meta.ino());
+                if let Some(first) = out.links.get(&key).cloned() {
+                    out.entry(&path, tar::EntryType::Link, &meta, mode, Some(&first), &[], None)?;
+                    continue;
+                }
+                out.links.insert(key, path.clone());
+            }
+            let xattrs = layer_xattrs(&full)?;
+            out.entry(
+                &path,
+                tar::EntryType::Regular,
+                &meta,
+                mode,
+                None,
+                &xattrs,
+                Some((&full, meta.len())),
+            )?;
+        } else if ft.is_char_device() || ft.is_block_device() || ft.is_fifo() {
+            let kind = if ft.is_char_device() {
+                tar::EntryType::Char
+            } else if ft.is_block_device() {
+                tar::EntryType::Block
+            } else {
+                tar::EntryType::Fifo
+            };
+            let xattrs = layer_xattrs(&full)?;
+            out.entry(&path, kind, &meta, mode, None, &xattrs, None)?;
+        }
+        // Sockets cannot be carried in a tar and are skipped.
+    }
+    Ok(())
 }
 
 /// Writes the changes held in `upper` as an uncompressed, deterministic layer tar (entries
 /// sorted; overlay whiteouts and opaque dirs become OCI ones; hardlinks kept) and returns
 /// the diff ID (sha256 of the bytes written).
-pub fn write_layer(_upper: &Path, _out: impl Write, _opts: &DiffOptions) -> Result<Digest> {
-    todo!()
+pub fn write_layer(upper: &Path, out: impl Write, opts: &DiffOptions) -> Result<Digest> {
+    let mut t = TarOut {
+        out: HashingWriter {
+            inner: out,
+            hasher: Sha256::new(),
+        },
+        links: HashMap::new(),
+        epoch: opts.source_date_epoch,
+    };
+    write_dir(&mut t, upper, b"")?;
+    t.raw(&[0u8; 1024])?;
+    t.out
+        .flush()
+        .map_err(|e| Error::io("flush layer tar", e))?;
+    Ok(digest_of(t.out.hasher))
 }

@@ -71,6 +71,12 @@ pub enum Error {
     },
     #[error("metadata store: {0}")]
     Metadata(String),
+    #[error("metadata store: {action}")]
+    Db {
+        action: String,
+        #[source]
+        source: Box<redb::Error>,
+    },
     #[error("mount {target}: {source}")]
     Mount {
         target: String,

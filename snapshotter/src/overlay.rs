@@ -1,50 +1,440 @@
 //! Overlayfs snapshotter: metadata in `metadata.redb`, data in `snapshots/<id>/{fs,work}`.
+//!
+//! Concurrency: redb takes an exclusive lock on its file for as long as a `Database` is
+//! open, so two processes cannot keep it open together. Every operation therefore opens the
+//! database, runs one transaction and closes it again, serialised by a mutex inside the
+//! process and by an exclusive `flock` on `metadata.lock` across processes. Two
+//! `strata build`s on one root simply take turns for the few milliseconds an operation
+//! lasts; the snapshot data itself needs no lock (each snapshot has its own directory).
 
 use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions};
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::{Info, Mount, Result, Snapshotter};
+use redb::{Database, ReadableTable, TableDefinition, WriteTransaction};
+use serde::{Deserialize, Serialize};
+
+use crate::mount::CHDIR_OPTION;
+use crate::{Error, Info, Kind, Mount, Result, Snapshotter};
+
+const SNAPSHOTS: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshots");
+const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
+const NEXT_ID: &str = "next_id";
+
+/// mount(2) takes its options in one page (including the final NUL).
+const MAX_MOUNT_DATA: usize = 4095;
+
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct Record {
+    id: u64,
+    kind: Kind,
+    parent: Option<String>,
+    labels: BTreeMap<String, String>,
+    created: i64,
+}
+
+impl Record {
+    fn info(&self, name: &str) -> Info {
+        Info {
+            kind: self.kind,
+            name: name.to_string(),
+            parent: self.parent.clone(),
+            labels: self.labels.clone(),
+            created: self.created,
+        }
+    }
+}
 
 pub struct OverlaySnapshotter {
-    #[allow(dead_code)]
     root: PathBuf,
+    /// Serialises database opens within this process (the flock serialises processes).
+    lock: Mutex<()>,
+}
+
+fn db_err<E: Into<redb::Error>>(action: &'static str) -> impl FnOnce(E) -> Error {
+    move |e| Error::Db {
+        action: action.to_string(),
+        source: Box::new(e.into()),
+    }
+}
+
+fn now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+fn decode(key: &str, bytes: &[u8]) -> Result<Record> {
+    serde_json::from_slice(bytes)
+        .map_err(|e| Error::Metadata(format!("decode record of snapshot {key:?}: {e}")))
+}
+
+fn encode(rec: &Record) -> Result<Vec<u8>> {
+    serde_json::to_vec(rec).map_err(|e| Error::Metadata(format!("encode snapshot record: {e}")))
+}
+
+fn get_record(tx: &WriteTransaction, key: &str) -> Result<Option<Record>> {
+    let table = tx
+        .open_table(SNAPSHOTS)
+        .map_err(db_err("open snapshots table"))?;
+    let found = table.get(key).map_err(db_err("read snapshot record"))?;
+    match found {
+        Some(v) => Ok(Some(decode(key, v.value())?)),
+        None => Ok(None),
+    }
+}
+
+fn put_record(tx: &WriteTransaction, key: &str, rec: &Record) -> Result<()> {
+    let bytes = encode(rec)?;
+    let mut table = tx
+        .open_table(SNAPSHOTS)
+        .map_err(db_err("open snapshots table"))?;
+    table
+        .insert(key, bytes.as_slice())
+        .map_err(db_err("write snapshot record"))?;
+    Ok(())
+}
+
+fn all_records(tx: &WriteTransaction) -> Result<Vec<(String, Record)>> {
+    let table = tx
+        .open_table(SNAPSHOTS)
+        .map_err(db_err("open snapshots table"))?;
+    let mut out = Vec::new();
+    for item in table.iter().map_err(db_err("list snapshots"))? {
+        let (k, v) = item.map_err(db_err("list snapshots"))?;
+        let key = k.value().to_string();
+        let rec = decode(&key, v.value())?;
+        out.push((key, rec));
+    }
+    Ok(out)
+}
+
+fn require(tx: &WriteTransaction, key: &str) -> Result<Record> {
+    get_record(tx, key)?.ok_or_else(|| Error::NotFound(key.to_string()))
+}
+
+/// Ids of the committed ancestors of `rec`, nearest first.
+fn parent_ids(tx: &WriteTransaction, rec: &Record) -> Result<Vec<u64>> {
+    let mut ids = Vec::new();
+    let mut next = rec.parent.clone();
+    while let Some(p) = next {
+        let prec = get_record(tx, &p)?
+            .ok_or_else(|| Error::Metadata(format!("parent {p:?} of a snapshot is missing")))?;
+        ids.push(prec.id);
+        next = prec.parent;
+        if ids.len() > 10_000 {
+            return Err(Error::Metadata("snapshot parent chain has a cycle".into()));
+        }
+    }
+    Ok(ids)
 }
 
 impl OverlaySnapshotter {
     /// Opens (creating if needed) a snapshotter rooted at `root`.
     pub fn open(root: &Path) -> Result<Self> {
-        Ok(OverlaySnapshotter {
-            root: root.to_path_buf(),
-        })
+        fs::create_dir_all(root.join("snapshots"))
+            .map_err(|e| Error::io(format!("create snapshotter root {}", root.display()), e))?;
+        let root = fs::canonicalize(root)
+            .map_err(|e| Error::io(format!("resolve snapshotter root {}", root.display()), e))?;
+        let s = OverlaySnapshotter {
+            root,
+            lock: Mutex::new(()),
+        };
+        // Creates the database and its tables up front so read paths never see a blank file.
+        s.write(|tx| {
+            tx.open_table(SNAPSHOTS)
+                .map_err(db_err("create snapshots table"))?;
+            tx.open_table(COUNTERS)
+                .map_err(db_err("create counters table"))?;
+            Ok(())
+        })?;
+        Ok(s)
+    }
+
+    /// The directory this snapshotter lives in (canonical).
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn snapshot_dir(&self, id: u64) -> PathBuf {
+        self.root.join("snapshots").join(id.to_string())
+    }
+
+    /// Runs `f` in one write transaction, holding both the process and the file lock.
+    fn write<T>(&self, f: impl FnOnce(&WriteTransaction) -> Result<T>) -> Result<T> {
+        let _guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        let lock_path = self.root.join("metadata.lock");
+        let lock_file: File = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| Error::io("open metadata lock file", e))?;
+        loop {
+            // SAFETY: flock on a file descriptor we own for the duration of the call.
+            let rc = unsafe { libc::flock(lock_file.as_raw_fd(), libc::LOCK_EX) };
+            if rc == 0 {
+                break;
+            }
+            let err = std::io::Error::last_os_error();
+            if err.kind() != std::io::ErrorKind::Interrupted {
+                return Err(Error::io("lock metadata", err));
+            }
+        }
+        let db = Database::create(self.root.join("metadata.redb"))
+            .map_err(db_err("open metadata database"))?;
+        let tx = db.begin_write().map_err(db_err("begin transaction"))?;
+        let value = f(&tx)?;
+        tx.commit().map_err(db_err("commit transaction"))?;
+        drop(db);
+        drop(lock_file);
+        Ok(value)
+    }
+
+    fn create(&self, kind: Kind, key: &str, parent: &str) -> Result<Vec<Mount>> {
+        if key.is_empty() {
+            return Err(Error::InvalidArgument("snapshot key is empty".into()));
+        }
+        let snapshots = self.root.join("snapshots");
+        let tmp = tempfile::Builder::new()
+            .prefix("new-")
+            .tempdir_in(&snapshots)
+            .map_err(|e| Error::io("create snapshot directory", e))?;
+        fs::create_dir(tmp.path().join("fs"))
+            .map_err(|e| Error::io("create snapshot fs directory", e))?;
+        if kind == Kind::Active {
+            fs::create_dir(tmp.path().join("work"))
+                .map_err(|e| Error::io("create snapshot work directory", e))?;
+        }
+        let mut placed: Option<PathBuf> = None;
+        let result = self.write(|tx| {
+            if get_record(tx, key)?.is_some() {
+                return Err(Error::AlreadyExists(key.to_string()));
+            }
+            let parent = if parent.is_empty() {
+                None
+            } else {
+                let prec = require(tx, parent)?;
+                if prec.kind != Kind::Committed {
+                    return Err(Error::FailedPrecondition(format!(
+                        "parent {parent:?} is not committed"
+                    )));
+                }
+                Some(parent.to_string())
+            };
+            let id = {
+                let mut counters = tx
+                    .open_table(COUNTERS)
+                    .map_err(db_err("open counters table"))?;
+                let current = counters
+                    .get(NEXT_ID)
+                    .map_err(db_err("read id counter"))?
+                    .map_or(0, |v| v.value());
+                let id = current + 1;
+                counters
+                    .insert(NEXT_ID, id)
+                    .map_err(db_err("write id counter"))?;
+                id
+            };
+            let rec = Record {
+                id,
+                kind,
+                parent,
+                labels: BTreeMap::new(),
+                created: now(),
+            };
+            put_record(tx, key, &rec)?;
+            let mounts = self.mounts_of(tx, &rec)?;
+            let target = self.snapshot_dir(id);
+            // A crash between this rename and the commit leaves a directory whose id was
+            // never recorded; it is stale and safe to replace.
+            if target.exists() {
+                fs::remove_dir_all(&target)
+                    .map_err(|e| Error::io("remove stale snapshot directory", e))?;
+            }
+            fs::rename(tmp.path(), &target)
+                .map_err(|e| Error::io("move snapshot directory into place", e))?;
+            placed = Some(target);
+            Ok(mounts)
+        });
+        if result.is_err() {
+            if let Some(p) = placed {
+                let _ = fs::remove_dir_all(p);
+            }
+        }
+        result
+    }
+
+    fn mounts_of(&self, tx: &WriteTransaction, rec: &Record) -> Result<Vec<Mount>> {
+        let parents = parent_ids(tx, rec)?;
+        Ok(self.build_mounts(rec, &parents))
+    }
+
+    fn build_mounts(&self, rec: &Record, parents: &[u64]) -> Vec<Mount> {
+        let bind = |id: u64, ro: bool| Mount {
+            kind: "bind".into(),
+            source: self.snapshot_dir(id).join("fs").to_string_lossy().into_owned(),
+            options: vec![
+                "rbind".into(),
+                if ro { "ro".into() } else { "rw".into() },
+            ],
+        };
+        // A committed snapshot is read like a view of itself.
+        let lowers: Vec<u64> = if rec.kind == Kind::Committed {
+            std::iter::once(rec.id).chain(parents.iter().copied()).collect()
+        } else {
+            parents.to_vec()
+        };
+        match (rec.kind, lowers.as_slice()) {
+            (Kind::Active, []) => return vec![bind(rec.id, false)],
+            (Kind::View | Kind::Committed, []) => return vec![bind(rec.id, true)],
+            (Kind::View | Kind::Committed, [p]) => return vec![bind(*p, true)],
+            _ => {}
+        }
+        let options = |prefix: &str| {
+            let lower: Vec<String> = lowers
+                .iter()
+                .map(|id| format!("{prefix}snapshots/{id}/fs"))
+                .collect();
+            let mut opts = vec![format!("lowerdir={}", lower.join(":"))];
+            if rec.kind == Kind::Active {
+                opts.push(format!("upperdir={prefix}snapshots/{}/fs", rec.id));
+                opts.push(format!("workdir={prefix}snapshots/{}/work", rec.id));
+            }
+            opts
+        };
+        let root = format!("{}/", self.root.to_string_lossy());
+        let absolute = options(&root);
+        let mut options = if absolute.join(",").len() <= MAX_MOUNT_DATA {
+            absolute
+        } else {
+            // Too long for one page: paths relative to the root, mounted from there.
+            let mut rel = options("");
+            rel.push(format!("{CHDIR_OPTION}{}", self.root.to_string_lossy()));
+            rel
+        };
+        if rec.kind != Kind::Active {
+            options.push("ro".into());
+        }
+        vec![Mount {
+            kind: "overlay".into(),
+            source: "overlay".into(),
+            options,
+        }]
     }
 }
 
 impl Snapshotter for OverlaySnapshotter {
-    fn prepare(&self, _key: &str, _parent: &str) -> Result<Vec<Mount>> {
-        todo!()
+    fn prepare(&self, key: &str, parent: &str) -> Result<Vec<Mount>> {
+        self.create(Kind::Active, key, parent)
     }
-    fn view(&self, _key: &str, _parent: &str) -> Result<Vec<Mount>> {
-        todo!()
+
+    fn view(&self, key: &str, parent: &str) -> Result<Vec<Mount>> {
+        self.create(Kind::View, key, parent)
     }
-    fn mounts(&self, _key: &str) -> Result<Vec<Mount>> {
-        todo!()
+
+    fn mounts(&self, key: &str) -> Result<Vec<Mount>> {
+        self.write(|tx| {
+            let rec = require(tx, key)?;
+            self.mounts_of(tx, &rec)
+        })
     }
-    fn commit(&self, _name: &str, _key: &str, _labels: BTreeMap<String, String>) -> Result<()> {
-        todo!()
+
+    fn commit(&self, name: &str, key: &str, labels: BTreeMap<String, String>) -> Result<()> {
+        if name.is_empty() {
+            return Err(Error::InvalidArgument("snapshot name is empty".into()));
+        }
+        self.write(|tx| {
+            let mut rec = require(tx, key)?;
+            if rec.kind != Kind::Active {
+                return Err(Error::FailedPrecondition(format!(
+                    "snapshot {key:?} is not active"
+                )));
+            }
+            if get_record(tx, name)?.is_some() {
+                return Err(Error::AlreadyExists(name.to_string()));
+            }
+            rec.kind = Kind::Committed;
+            rec.labels = labels;
+            rec.created = now();
+            tx.open_table(SNAPSHOTS)
+                .map_err(db_err("open snapshots table"))?
+                .remove(key)
+                .map_err(db_err("remove snapshot record"))?;
+            put_record(tx, name, &rec)
+        })
     }
-    fn remove(&self, _key: &str) -> Result<()> {
-        todo!()
+
+    fn remove(&self, key: &str) -> Result<()> {
+        let doomed = self.write(|tx| {
+            let rec = require(tx, key)?;
+            if rec.kind == Kind::Committed
+                && all_records(tx)?
+                    .iter()
+                    .any(|(_, r)| r.parent.as_deref() == Some(key))
+            {
+                return Err(Error::FailedPrecondition(format!(
+                    "snapshot {key:?} has children"
+                )));
+            }
+            tx.open_table(SNAPSHOTS)
+                .map_err(db_err("open snapshots table"))?
+                .remove(key)
+                .map_err(db_err("remove snapshot record"))?;
+            let dir = self.snapshot_dir(rec.id);
+            let doomed = self.root.join("snapshots").join(format!("rm-{}", rec.id));
+            match fs::rename(&dir, &doomed) {
+                Ok(()) => Ok(Some(doomed)),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(Error::io("move snapshot directory aside", e)),
+            }
+        })?;
+        if let Some(d) = doomed {
+            fs::remove_dir_all(&d).map_err(|e| Error::io("delete snapshot directory", e))?;
+        }
+        Ok(())
     }
-    fn stat(&self, _key: &str) -> Result<Info> {
-        todo!()
+
+    fn stat(&self, key: &str) -> Result<Info> {
+        self.write(|tx| Ok(require(tx, key)?.info(key)))
     }
-    fn update_labels(&self, _key: &str, _labels: BTreeMap<String, String>) -> Result<Info> {
-        todo!()
+
+    fn update_labels(&self, key: &str, labels: BTreeMap<String, String>) -> Result<Info> {
+        self.write(|tx| {
+            let mut rec = require(tx, key)?;
+            for (k, v) in labels {
+                if v.is_empty() {
+                    rec.labels.remove(&k);
+                } else {
+                    rec.labels.insert(k, v);
+                }
+            }
+            put_record(tx, key, &rec)?;
+            Ok(rec.info(key))
+        })
     }
-    fn walk(&self, _f: &mut dyn FnMut(&Info)) -> Result<()> {
-        todo!()
+
+    fn walk(&self, f: &mut dyn FnMut(&Info)) -> Result<()> {
+        // Collected first so `f` may call back into the snapshotter without deadlocking.
+        let infos: Vec<Info> = self.write(|tx| {
+            Ok(all_records(tx)?
+                .iter()
+                .map(|(k, r)| r.info(k))
+                .collect())
+        })?;
+        for info in &infos {
+            f(info);
+        }
+        Ok(())
     }
-    fn upper_dir(&self, _key: &str) -> Result<PathBuf> {
-        todo!()
+
+    fn upper_dir(&self, key: &str) -> Result<PathBuf> {
+        let id = self.write(|tx| Ok(require(tx, key)?.id))?;
+        Ok(self.snapshot_dir(id).join("fs"))
     }
 }
