@@ -6,10 +6,25 @@
 //! `pivot_root`s into it and execs the command. Nothing is forked from the multi-threaded
 //! builder itself.
 
+mod caps;
+mod error;
+mod init;
+mod process;
+mod rootfs;
+mod user;
+
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
 
 use serde::{Deserialize, Serialize};
 use strata_snapshotter::Mount;
+
+pub use process::DEFAULT_PATH;
 
 /// argv[1] that makes `strata` act as the sandbox init ([`init_main`]).
 pub const INIT_ARG: &str = "__sandbox-init";
@@ -58,7 +73,8 @@ pub struct RunRequest {
     pub rootfs: Vec<Mount>,
     pub process: ProcessSpec,
     pub mounts: Vec<ExtraMount>,
-    /// Host files bind-mounted over /etc/hosts and /etc/resolv.conf; generated when `None`.
+    /// Host files bind-mounted (read-only) over /etc/hosts and /etc/resolv.conf; generated
+    /// when `None` (`127.0.0.1 localhost <hostname>`, a copy of the host's resolv.conf).
     pub hosts_file: Option<PathBuf>,
     pub resolv_conf: Option<PathBuf>,
 }
@@ -70,6 +86,8 @@ pub enum Stream {
     Stderr,
 }
 
+/// Errors of [`Sandbox::run`]. A command killed by a signal is `Exit { code: 128 + signal }`
+/// (as runc and BuildKit report it); `Signal` means the sandbox init itself was killed.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("start sandbox: {0}")]
@@ -82,9 +100,17 @@ pub enum Error {
     Signal { signal: i32 },
 }
 
+/// What the init reports on its socket, one JSON line.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum Report {
+    Exited { code: i32 },
+    Signaled { signal: i32 },
+    SetupFailed { message: String },
+}
+
 /// Runs RUN steps by re-executing `init_exe` as the sandbox init.
 pub struct Sandbox {
-    #[allow(dead_code)]
     init_exe: PathBuf,
 }
 
@@ -97,16 +123,130 @@ impl Sandbox {
 
     /// Runs the step and streams its output to `output`. Ok only when it exited 0; every
     /// mount it made is gone when this returns, whatever happened.
+    ///
+    /// Mounts live in a mount namespace owned by the sandbox's processes, which die with the
+    /// builder (parent death signal), so even a killed builder leaves no mount behind.
     pub fn run(
         &self,
-        _req: &RunRequest,
-        _output: &mut dyn FnMut(Stream, &[u8]),
+        req: &RunRequest,
+        output: &mut dyn FnMut(Stream, &[u8]),
     ) -> Result<(), Error> {
-        todo!()
+        let request =
+            serde_json::to_vec(req).map_err(|e| Error::Spawn(std::io::Error::other(e)))?;
+        let (mut sock, child_sock) = UnixStream::pair().map_err(Error::Spawn)?;
+        let child_fd = child_sock.as_raw_fd();
+        let mut cmd = Command::new(&self.init_exe);
+        cmd.arg(INIT_ARG)
+            .env(init::PARENT_ENV, std::process::id().to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        // SAFETY: only async-signal-safe calls (dup2, fcntl) between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                if child_fd == init::REPORT_FD {
+                    // dup2 onto itself keeps close-on-exec; clear it instead.
+                    if libc::fcntl(child_fd, libc::F_SETFD, 0) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                } else if libc::dup2(child_fd, init::REPORT_FD) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().map_err(Error::Spawn)?;
+        drop(child_sock);
+        let mut child = KillOnDrop(Some(child));
+        // A failed write means the init is gone; its exit status tells why.
+        let _ = sock
+            .write_all(&request)
+            .and_then(|()| sock.shutdown(std::net::Shutdown::Write));
+
+        let (stdout, stderr) = match child.0.as_mut() {
+            Some(c) => (c.stdout.take(), c.stderr.take()),
+            None => (None, None),
+        };
+        let reports = std::thread::scope(|scope| {
+            let (tx, rx) = mpsc::channel::<(Stream, Vec<u8>)>();
+            if let Some(out) = stdout {
+                let tx = tx.clone();
+                scope.spawn(move || pump(out, Stream::Stdout, tx));
+            }
+            if let Some(err) = stderr {
+                let tx = tx.clone();
+                scope.spawn(move || pump(err, Stream::Stderr, tx));
+            }
+            drop(tx);
+            let reports = scope.spawn(move || {
+                let mut text = String::new();
+                let _ = sock.read_to_string(&mut text);
+                text
+            });
+            for (stream, chunk) in rx {
+                output(stream, &chunk);
+            }
+            reports.join().unwrap_or_default()
+        });
+        let status = child.wait().map_err(Error::Spawn)?;
+        let report = reports
+            .lines()
+            .rev()
+            .find_map(|l| serde_json::from_str::<Report>(l).ok());
+        match report {
+            Some(Report::Exited { code: 0 }) => Ok(()),
+            Some(Report::Exited { code }) => Err(Error::Exit { code }),
+            Some(Report::Signaled { signal }) => Err(Error::Exit { code: 128 + signal }),
+            Some(Report::SetupFailed { message }) => Err(Error::Setup(message)),
+            None => match status.signal() {
+                Some(signal) => Err(Error::Signal { signal }),
+                None => Err(Error::Setup(format!(
+                    "sandbox init exited with status {} without a report",
+                    status.code().unwrap_or(-1)
+                ))),
+            },
+        }
+    }
+}
+
+/// Kills and reaps the init if `run` unwinds before waiting for it.
+struct KillOnDrop(Option<Child>);
+
+impl KillOnDrop {
+    fn wait(&mut self) -> std::io::Result<std::process::ExitStatus> {
+        match self.0.take() {
+            Some(mut c) => c.wait(),
+            None => Err(std::io::Error::other("sandbox init already reaped")),
+        }
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn pump(mut from: impl Read, stream: Stream, tx: mpsc::Sender<(Stream, Vec<u8>)>) {
+    let mut buf = vec![0u8; 32 * 1024];
+    loop {
+        match from.read(&mut buf) {
+            Ok(0) => return,
+            Ok(n) => {
+                if tx.send((stream, buf[..n].to_vec())).is_err() {
+                    return;
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return,
+        }
     }
 }
 
 /// Entry point of `strata __sandbox-init`: never returns.
 pub fn init_main() -> ! {
-    todo!()
+    init::main()
 }
