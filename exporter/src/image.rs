@@ -1,6 +1,6 @@
 //! Layers + config -> config and manifest blobs.
 
-use oci_spec::image::{Descriptor, ImageConfiguration, ImageManifest, MediaType, RootFs};
+use oci_spec::image::{Descriptor, History, ImageConfiguration, ImageManifest, MediaType, RootFs};
 use serde::{Deserialize, Serialize};
 use strata_dag::Digest;
 use strata_snapshotter::content::ContentStore;
@@ -47,6 +47,7 @@ pub fn write_image(
     rootfs.set_typ("layers".to_string());
     rootfs.set_diff_ids(layers.iter().map(|l| l.diff_id.to_string()).collect());
     config.set_rootfs(rootfs);
+    normalize_history(&mut config, layers.len());
 
     let config_bytes = canonical_json("image config", &config)?;
     let config_digest = Digest::of(&config_bytes);
@@ -96,6 +97,37 @@ pub fn write_image(
         config_digest,
         size: layers.iter().map(|l| l.size).sum::<u64>() + config_size,
     })
+}
+
+/// Makes the history's non-empty entries match the layer count, as BuildKit does, since
+/// docker refuses images where they differ: missing entries (a base image without
+/// history) are prepended blank, surplus ones are marked empty from the bottom. An empty
+/// history is left empty: every tool accepts that.
+fn normalize_history(config: &mut ImageConfiguration, layers: usize) {
+    let history = config.history_mut();
+    if history.is_empty() {
+        return;
+    }
+    let non_empty = history
+        .iter()
+        .filter(|h| h.empty_layer() != Some(true))
+        .count();
+    if non_empty < layers {
+        let blank = std::iter::repeat_with(History::default).take(layers - non_empty);
+        let rest = std::mem::take(history);
+        *history = blank.chain(rest).collect();
+    } else {
+        let mut surplus = non_empty - layers;
+        for h in history.iter_mut() {
+            if surplus == 0 {
+                break;
+            }
+            if h.empty_layer() != Some(true) {
+                h.set_empty_layer(Some(true));
+                surplus -= 1;
+            }
+        }
+    }
 }
 
 /// The media type a layer gets in a manifest of the chosen flavour. Accepts either
@@ -176,6 +208,49 @@ mod tests {
             DOCKER_LAYER
         );
         assert!(layer_media_type("text/plain", true).is_err());
+    }
+
+    fn history(empty: &[bool]) -> ImageConfiguration {
+        let mut c = ImageConfiguration::default();
+        c.set_history(
+            empty
+                .iter()
+                .map(|e| {
+                    let mut h = History::default();
+                    h.set_created_by(Some("x".into()));
+                    h.set_empty_layer(e.then_some(true));
+                    h
+                })
+                .collect(),
+        );
+        c
+    }
+
+    fn non_empty(c: &ImageConfiguration) -> usize {
+        c.history()
+            .iter()
+            .filter(|h| h.empty_layer() != Some(true))
+            .count()
+    }
+
+    #[test]
+    fn history_is_matched_to_layers() {
+        let mut c = history(&[false, true]);
+        normalize_history(&mut c, 3);
+        assert_eq!(c.history().len(), 4);
+        assert_eq!(non_empty(&c), 3);
+        assert_eq!(c.history()[0].created_by(), &None, "blank entries go first");
+        assert_eq!(c.history()[2].created_by().as_deref(), Some("x"));
+
+        let mut c = history(&[false, false, false, true]);
+        normalize_history(&mut c, 1);
+        assert_eq!(c.history().len(), 4);
+        assert_eq!(non_empty(&c), 1);
+        assert_eq!(c.history()[2].empty_layer(), None, "the top one stays");
+
+        let mut c = history(&[]);
+        normalize_history(&mut c, 2);
+        assert!(c.history().is_empty());
     }
 
     #[test]

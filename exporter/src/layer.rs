@@ -142,6 +142,66 @@ pub fn export_layer(
     })
 }
 
+/// [`export_layer`] for several upper dirs at once (a few in parallel: compression is
+/// the CPU-bound part), results in input order. Stops at the first error.
+pub fn export_layers(
+    uppers: &[&Path],
+    store: &ContentStore,
+    compression: &Compression,
+    opts: &DiffOptions,
+) -> Result<Vec<LayerBlob>> {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Mutex;
+
+    compression.validate()?;
+    let workers = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .clamp(1, 4)
+        .min(uppers.len());
+    let results: Vec<Mutex<Option<Result<LayerBlob>>>> =
+        uppers.iter().map(|_| Mutex::new(None)).collect();
+    let next = AtomicUsize::new(0);
+    let failed = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        for _ in 0..workers {
+            s.spawn(|| {
+                while !failed.load(Ordering::Relaxed) {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let (Some(upper), Some(slot)) = (uppers.get(i), results.get(i)) else {
+                        return;
+                    };
+                    let r = export_layer(upper, store, compression, opts);
+                    if r.is_err() {
+                        failed.store(true, Ordering::Relaxed);
+                    }
+                    *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
+                }
+            });
+        }
+    });
+    let mut out = Vec::with_capacity(uppers.len());
+    let mut first_err = None;
+    for (slot, upper) in results.into_iter().zip(uppers) {
+        match slot.into_inner().unwrap_or_else(|p| p.into_inner()) {
+            Some(Ok(blob)) => out.push(blob),
+            Some(Err(e)) => {
+                first_err.get_or_insert(e);
+            }
+            None if first_err.is_none() => {
+                first_err = Some(Error::InvalidData(format!(
+                    "layer {} was not exported",
+                    upper.display()
+                )))
+            }
+            None => {}
+        }
+    }
+    match first_err {
+        Some(e) => Err(e),
+        None => Ok(out),
+    }
+}
+
 pub(crate) struct PipelineOutput {
     /// sha256 of the uncompressed bytes, hashed here.
     pub diff_id: Digest,

@@ -25,7 +25,7 @@ pub use image::{
     read_config, read_manifest, write_image, ImageRecord, DOCKER_CONFIG, DOCKER_LAYER,
     DOCKER_LAYER_GZIP, DOCKER_LAYER_ZSTD, DOCKER_MANIFEST,
 };
-pub use layer::{export_layer, Compression, LayerBlob};
+pub use layer::{export_layer, export_layers, Compression, LayerBlob};
 pub use local::copy_rootfs;
 pub use names::parse_image_name;
 pub use push::{push_image, push_image_report, PushReport};

@@ -74,13 +74,13 @@ impl ImageStore {
 
     pub fn get(&self, name: &str) -> Result<Option<StoredImage>> {
         let (name, tag) = parse_image_name(name)?;
-        let index = self.read_locked()?;
+        let index = self.read()?;
         Ok(index.images.get(&format!("{name}:{tag}")).cloned())
     }
 
     /// All images, ordered by name then tag.
     pub fn list(&self) -> Result<Vec<StoredImage>> {
-        Ok(self.read_locked()?.images.into_values().collect())
+        Ok(self.read()?.images.into_values().collect())
     }
 
     /// Removes a name; whether it existed.
@@ -93,14 +93,14 @@ impl ImageStore {
     /// Manifest digests that some name points at: roots for garbage collection.
     pub fn references(&self) -> Result<BTreeSet<Digest>> {
         Ok(self
-            .read_locked()?
+            .read()?
             .images
             .into_values()
             .map(|i| i.record.manifest_digest)
             .collect())
     }
 
-    fn lock(&self, arg: FlockArg) -> Result<Flock<File>> {
+    fn lock_exclusive(&self) -> Result<Flock<File>> {
         let path = self.root.join(LOCK);
         let file = OpenOptions::new()
             .create(true)
@@ -108,7 +108,7 @@ impl ImageStore {
             .write(true)
             .open(&path)
             .map_err(|e| Error::io(format!("open {}", path.display()), e))?;
-        Flock::lock(file, arg).map_err(|(_, errno)| {
+        Flock::lock(file, FlockArg::LockExclusive).map_err(|(_, errno)| {
             Error::io(
                 format!("lock {}", path.display()),
                 std::io::Error::from(errno),
@@ -116,11 +116,7 @@ impl ImageStore {
         })
     }
 
-    fn read_locked(&self) -> Result<Index> {
-        let _lock = self.lock(FlockArg::LockShared)?;
-        self.read()
-    }
-
+    /// Readers need no lock: the file is only ever replaced whole, by rename.
     fn read(&self) -> Result<Index> {
         let path = self.root.join(INDEX);
         match fs::read(&path) {
@@ -133,7 +129,7 @@ impl ImageStore {
 
     /// Read-modify-write under the exclusive lock; `f` says whether anything changed.
     fn update(&self, f: impl FnOnce(&mut Index) -> bool) -> Result<bool> {
-        let _lock = self.lock(FlockArg::LockExclusive)?;
+        let _lock = self.lock_exclusive()?;
         let mut index = self.read()?;
         if !f(&mut index) {
             return Ok(false);
