@@ -1,0 +1,127 @@
+//! Command-line arguments (clap derive), with docker buildx's flag names and meanings.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Parser, Debug)]
+#[command(name = "strata", version, about = "A Dockerfile build engine")]
+pub struct Cli {
+    /// Store directory (content, snapshots, cache, images).
+    #[arg(long, global = true, env = "STRATA_ROOT", default_value = "/var/lib/strata")]
+    pub root: PathBuf,
+    /// Registries (host:port) to reach over plain HTTP, besides loopback ones.
+    #[arg(long = "insecure-registry", global = true, value_name = "HOST")]
+    pub insecure_registries: Vec<String>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Build an image from a Dockerfile.
+    Build(BuildArgs),
+    /// List images in the local store.
+    Images,
+    /// Remove images from the local store.
+    Rmi {
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+    /// Log in to a registry (credentials go to ~/.docker/config.json).
+    Login {
+        registry: String,
+        #[arg(short, long)]
+        username: String,
+        #[arg(short, long)]
+        password: Option<String>,
+        /// Read the password from stdin.
+        #[arg(long)]
+        password_stdin: bool,
+    },
+    /// Log out from a registry.
+    Logout { registry: String },
+    /// Remove unreferenced snapshots, blobs and cache records.
+    Prune {
+        /// Remove all build cache, not only unreferenced data.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Inspect the frontend's work.
+    Debug {
+        #[command(subcommand)]
+        what: DebugCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum DebugCommand {
+    /// Print the parse tree in BuildKit's Node.Dump() format.
+    Ast { file: PathBuf },
+    /// Print the lowered build graph with digests.
+    Dag {
+        file: PathBuf,
+        #[arg(long = "build-arg", value_name = "KEY=VALUE")]
+        build_args: Vec<String>,
+        #[arg(long)]
+        target: Option<String>,
+    },
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub enum ProgressMode {
+    Auto,
+    Plain,
+    Tty,
+    Quiet,
+}
+
+#[derive(Args, Debug)]
+pub struct BuildArgs {
+    /// Name and optionally a tag (name:tag).
+    #[arg(short = 't', long = "tag", value_name = "NAME[:TAG]")]
+    pub tags: Vec<String>,
+    /// Name of the Dockerfile (default: CONTEXT/Dockerfile).
+    #[arg(short = 'f', long = "file")]
+    pub file: Option<PathBuf>,
+    /// Set build-time variables.
+    #[arg(long = "build-arg", value_name = "KEY=VALUE")]
+    pub build_args: Vec<String>,
+    /// Set the target build stage to build.
+    #[arg(long)]
+    pub target: Option<String>,
+    /// Do not use cache when building the image.
+    #[arg(long)]
+    pub no_cache: bool,
+    /// Do not cache specified stages.
+    #[arg(long, value_delimiter = ',')]
+    pub no_cache_filter: Vec<String>,
+    #[arg(long, value_enum, default_value = "auto")]
+    pub progress: ProgressMode,
+    /// Output destination (type=oci|docker|local|tar|image|registry,dest=...).
+    #[arg(short = 'o', long = "output", value_name = "SPEC")]
+    pub outputs: Vec<String>,
+    /// Shorthand for --output=type=registry.
+    #[arg(long)]
+    pub push: bool,
+    /// Shorthand for --output=type=docker (here: the local image store).
+    #[arg(long)]
+    pub load: bool,
+    /// Limit the number of steps run at once (default: the core count).
+    #[arg(long)]
+    pub max_parallelism: Option<usize>,
+    /// Write the image ID to the file.
+    #[arg(long)]
+    pub iidfile: Option<PathBuf>,
+    /// Write build result metadata to the file.
+    #[arg(long)]
+    pub metadata_file: Option<PathBuf>,
+    /// Suppress the build output and print the image ID on success.
+    #[arg(short, long)]
+    pub quiet: bool,
+    /// Set the target platform (only linux/amd64 is built).
+    #[arg(long)]
+    pub platform: Option<String>,
+    /// Build context directory.
+    pub context: PathBuf,
+}

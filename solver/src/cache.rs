@@ -1,0 +1,157 @@
+//! The persistent cache: cache key -> result, in a redb database.
+//!
+//! A record is written only after the result's snapshot is committed, and a hit is used only
+//! if the snapshot still exists, so a crash at any moment leaves a cache that has the step
+//! or not, never one pointing at missing data. The database is opened per operation so that
+//! several `strata` processes can share one store (redb locks the file while it is open).
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use redb::{Database, ReadableTable, TableDefinition};
+
+use crate::{CacheKey, Ref};
+
+const RESULTS: TableDefinition<&[u8], &str> = TableDefinition::new("results-v1");
+
+/// Where cache records live.
+pub trait CacheStore: Sync {
+    fn get(&self, key: &CacheKey) -> Result<Option<Ref>, String>;
+    fn put(&self, key: &CacheKey, result: &Ref) -> Result<(), String>;
+}
+
+/// redb-backed [`CacheStore`].
+pub struct DbCache {
+    path: PathBuf,
+}
+
+impl DbCache {
+    pub fn open(path: &Path) -> Result<Self, String> {
+        let cache = DbCache { path: path.to_path_buf() };
+        cache.with_db(|db| {
+            let tx = db.begin_write().map_err(|e| e.to_string())?;
+            tx.open_table(RESULTS).map_err(|e| e.to_string())?;
+            tx.commit().map_err(|e| e.to_string())
+        })?;
+        Ok(cache)
+    }
+
+    fn with_db<T>(&self, f: impl FnOnce(&Database) -> Result<T, String>) -> Result<T, String> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut wait = Duration::from_millis(2);
+        loop {
+            match Database::create(&self.path) {
+                Ok(db) => return f(&db),
+                Err(redb::DatabaseError::DatabaseAlreadyOpen) if Instant::now() < deadline => {
+                    std::thread::sleep(wait);
+                    wait = (wait * 2).min(Duration::from_millis(50));
+                }
+                Err(e) => return Err(format!("open {}: {e}", self.path.display())),
+            }
+        }
+    }
+
+    /// Every record, for garbage collection.
+    pub fn entries(&self) -> Result<Vec<(Vec<u8>, String)>, String> {
+        self.with_db(|db| {
+            let tx = db.begin_read().map_err(|e| e.to_string())?;
+            let table = tx.open_table(RESULTS).map_err(|e| e.to_string())?;
+            let mut out = Vec::new();
+            for item in table.iter().map_err(|e| e.to_string())? {
+                let (k, v) = item.map_err(|e| e.to_string())?;
+                out.push((k.value().to_vec(), v.value().to_string()));
+            }
+            Ok(out)
+        })
+    }
+
+    /// Removes the records whose snapshot `keep` rejects; returns how many went.
+    pub fn retain(&self, keep: &dyn Fn(&str) -> bool) -> Result<usize, String> {
+        let doomed: Vec<Vec<u8>> =
+            self.entries()?.into_iter().filter(|(_, v)| !keep(v)).map(|(k, _)| k).collect();
+        self.with_db(|db| {
+            let tx = db.begin_write().map_err(|e| e.to_string())?;
+            {
+                let mut table = tx.open_table(RESULTS).map_err(|e| e.to_string())?;
+                for k in &doomed {
+                    table.remove(k.as_slice()).map_err(|e| e.to_string())?;
+                }
+            }
+            tx.commit().map_err(|e| e.to_string())
+        })?;
+        Ok(doomed.len())
+    }
+}
+
+fn encode(r: &Ref) -> String {
+    match r {
+        Ref::Snapshot(n) => format!("snapshot:{n}"),
+        Ref::Scratch => "scratch".into(),
+        Ref::Local(p) => format!("local:{}", p.display()),
+    }
+}
+
+fn decode(s: &str) -> Option<Ref> {
+    if s == "scratch" {
+        return Some(Ref::Scratch);
+    }
+    if let Some(n) = s.strip_prefix("snapshot:") {
+        return Some(Ref::Snapshot(n.to_string()));
+    }
+    s.strip_prefix("local:").map(|p| Ref::Local(PathBuf::from(p)))
+}
+
+impl CacheStore for DbCache {
+    fn get(&self, key: &CacheKey) -> Result<Option<Ref>, String> {
+        self.with_db(|db| {
+            let tx = db.begin_read().map_err(|e| e.to_string())?;
+            let table = tx.open_table(RESULTS).map_err(|e| e.to_string())?;
+            let v = table.get(key.0.as_slice()).map_err(|e| e.to_string())?;
+            Ok(v.and_then(|v| decode(v.value())))
+        })
+    }
+
+    fn put(&self, key: &CacheKey, result: &Ref) -> Result<(), String> {
+        let value = encode(result);
+        self.with_db(|db| {
+            let tx = db.begin_write().map_err(|e| e.to_string())?;
+            {
+                let mut table = tx.open_table(RESULTS).map_err(|e| e.to_string())?;
+                table.insert(key.0.as_slice(), value.as_str()).map_err(|e| e.to_string())?;
+            }
+            tx.commit().map_err(|e| e.to_string())
+        })
+    }
+}
+
+/// An in-memory cache for tests.
+#[derive(Default)]
+pub struct MemoryCache(std::sync::Mutex<std::collections::HashMap<CacheKey, Ref>>);
+
+impl CacheStore for MemoryCache {
+    fn get(&self, key: &CacheKey) -> Result<Option<Ref>, String> {
+        Ok(self.0.lock().map_err(|e| e.to_string())?.get(key).cloned())
+    }
+    fn put(&self, key: &CacheKey, result: &Ref) -> Result<(), String> {
+        self.0.lock().map_err(|e| e.to_string())?.insert(*key, result.clone());
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cache.redb");
+        let key = CacheKey([7; 32]);
+        DbCache::open(&path).unwrap().put(&key, &Ref::Snapshot("s1".into())).unwrap();
+        let again = DbCache::open(&path).unwrap();
+        assert_eq!(again.get(&key).unwrap(), Some(Ref::Snapshot("s1".into())));
+        assert_eq!(again.get(&CacheKey([8; 32])).unwrap(), None);
+        assert_eq!(again.retain(&|name| name != "snapshot:s1").unwrap(), 1);
+        assert_eq!(again.get(&key).unwrap(), None);
+    }
+}

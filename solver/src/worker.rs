@@ -1,0 +1,467 @@
+//! The real [`Worker`]: pulls images into snapshots, runs RUN steps in the sandbox, applies
+//! file ops through overlay mounts, and checksums the build context for cache keys.
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use strata_dag::{Digest, ExecOp, FileAction, FileOp, Node, NodeMeta, Op, SourceOp};
+use strata_frontend::dockerignore::PatternMatcher;
+use strata_registry::{Client, Reference};
+use strata_sandbox::{ProcessSpec, RunRequest, Sandbox, Stream};
+use strata_snapshotter::content::ContentStore;
+use strata_snapshotter::mount::MountGuard;
+use strata_snapshotter::{OverlaySnapshotter, Snapshotter};
+
+use crate::contenthash::StatCache;
+use crate::fileop::{apply_file_op, checksum, SourceRoot};
+use crate::progress::{Progress, ProgressEvent};
+use crate::{CacheKey, Ref, Worker};
+
+/// Labels a committed layer snapshot carries about its blob (set when pulled or exported).
+pub const LABEL_BLOB: &str = "strata.io/blob";
+/// The cache key a result snapshot was made for (informational).
+pub const LABEL_CACHE_KEY: &str = "strata.io/cache-key";
+
+/// Everything a build needs from the store and the client.
+pub struct RealWorker {
+    pub snapshotter: Arc<OverlaySnapshotter>,
+    pub content: Arc<ContentStore>,
+    pub registry: Arc<Client>,
+    pub sandbox: Arc<Sandbox>,
+    /// Directory for temporary mount points.
+    pub mounts_dir: PathBuf,
+    /// The build context directory and its `.dockerignore` matcher.
+    pub context_dir: PathBuf,
+    pub ignore: Option<PatternMatcher>,
+    pub stat_cache: Arc<StatCache>,
+    /// Serializes pulls of one chain so two nodes never apply the same layer at once.
+    pull_lock: Mutex<()>,
+}
+
+impl RealWorker {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        snapshotter: Arc<OverlaySnapshotter>,
+        content: Arc<ContentStore>,
+        registry: Arc<Client>,
+        sandbox: Arc<Sandbox>,
+        mounts_dir: PathBuf,
+        context_dir: PathBuf,
+        ignore: Option<PatternMatcher>,
+        stat_cache: Arc<StatCache>,
+    ) -> Self {
+        RealWorker {
+            snapshotter,
+            content,
+            registry,
+            sandbox,
+            mounts_dir,
+            context_dir,
+            ignore,
+            stat_cache,
+            pull_lock: Mutex::new(()),
+        }
+    }
+
+    fn temp_key(prefix: &str) -> String {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static N: AtomicU64 = AtomicU64::new(0);
+        format!("{prefix}-{}-{}-{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst), nanos())
+    }
+
+    fn mount_point(&self, key: &str) -> Result<PathBuf, String> {
+        let dir = self.mounts_dir.join(key);
+        std::fs::create_dir_all(&dir).map_err(|e| format!("create mount point {}: {e}", dir.display()))?;
+        Ok(dir)
+    }
+
+    /// Prepares an active snapshot on `parent`, runs `f` on it, and commits it as a result
+    /// of `key`; on failure the active snapshot is removed.
+    fn with_active<T>(
+        &self,
+        parent: &str,
+        key: &CacheKey,
+        labels: BTreeMap<String, String>,
+        f: impl FnOnce(&str, Vec<strata_snapshotter::Mount>) -> Result<T, String>,
+    ) -> Result<Ref, String> {
+        let active = Self::temp_key("active");
+        let mounts = self.snapshotter.prepare(&active, parent).map_err(|e| format!("prepare snapshot: {e}"))?;
+        let outcome = f(&active, mounts);
+        match outcome {
+            Ok(_) => {
+                let name = format!("result-{}-{}", key.hex(), nanos());
+                let mut labels = labels;
+                labels.insert(LABEL_CACHE_KEY.into(), key.hex());
+                if let Err(e) = self.snapshotter.commit(&name, &active, labels) {
+                    let _ = self.snapshotter.remove(&active);
+                    return Err(format!("commit snapshot: {e}"));
+                }
+                Ok(Ref::Snapshot(name))
+            }
+            Err(e) => {
+                let _ = self.snapshotter.remove(&active);
+                Err(e)
+            }
+        }
+    }
+
+    fn pull(&self, reference: &str, progress: &dyn Progress, description: &str) -> Result<Ref, String> {
+        let reference = Reference::parse(reference).map_err(|e| e.to_string())?;
+        let resolved = self
+            .registry
+            .resolve(&reference, &strata_dag::Platform::default())
+            .map_err(|e| format!("resolve {reference}: {e}"))?;
+        let config = strata_dag::image::ImageConfig::from_json(&resolved.config_bytes)
+            .map_err(|e| format!("parse image config of {reference}: {e}"))?;
+        let layers = resolved.manifest.layers();
+        if layers.len() != config.rootfs.diff_ids.len() {
+            return Err(format!(
+                "image {reference} has {} layers but {} diff ids",
+                layers.len(),
+                config.rootfs.diff_ids.len()
+            ));
+        }
+        // Fetch the blobs we lack in parallel, then apply them in order.
+        let missing: Vec<_> = layers
+            .iter()
+            .filter_map(|l| Digest::parse(l.digest().as_ref()))
+            .filter(|d| !self.content.exists(d))
+            .collect();
+        let errors: Mutex<Vec<String>> = Mutex::new(Vec::new());
+        std::thread::scope(|s| {
+            for chunk in missing.chunks(missing.len().div_ceil(4).max(1)) {
+                let errors = &errors;
+                let reference = &reference;
+                s.spawn(move || {
+                    for d in chunk {
+                        if let Err(e) = self.fetch_blob(reference, d) {
+                            if let Ok(mut errs) = errors.lock() {
+                                errs.push(e);
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        if let Some(e) = errors.into_inner().ok().and_then(|v| v.into_iter().next()) {
+            return Err(e);
+        }
+        let _guard = self.pull_lock.lock().map_err(|e| e.to_string())?;
+        let mut parent = String::new();
+        let mut chain: Option<String> = None;
+        for (layer, diff_id) in layers.iter().zip(&config.rootfs.diff_ids) {
+            // ChainID(n) = sha256(ChainID(n-1) + " " + DiffID(n)), as in the OCI spec.
+            let chain_id = match &chain {
+                None => diff_id.clone(),
+                Some(prev) => Digest::of(format!("{prev} {diff_id}").as_bytes()).to_string(),
+            };
+            chain = Some(chain_id.clone());
+            let name = format!("layer-{}", chain_id.trim_start_matches("sha256:"));
+            if self.snapshotter.stat(&name).is_err() {
+                let digest = Digest::parse(layer.digest().as_ref())
+                    .ok_or_else(|| format!("layer digest {} is not sha256", layer.digest()))?;
+                progress.event(ProgressEvent::Output {
+                    description: description.to_string(),
+                    line: format!("extracting {digest}"),
+                });
+                let blob = serde_json::json!({
+                    "digest": digest.to_string(),
+                    "size": layer.size(),
+                    "media_type": layer.media_type().to_string(),
+                    "diff_id": diff_id,
+                });
+                let mut labels = BTreeMap::new();
+                labels.insert(LABEL_BLOB.to_string(), blob.to_string());
+                let active = Self::temp_key("pull");
+                self.snapshotter.prepare(&active, &parent).map_err(|e| format!("prepare snapshot: {e}"))?;
+                let applied = (|| {
+                    let upper = self.snapshotter.upper_dir(&active).map_err(|e| e.to_string())?;
+                    let file = self.content.open_blob(&digest).map_err(|e| e.to_string())?;
+                    let applied = strata_snapshotter::layer::apply_layer(std::io::BufReader::new(file), &upper)
+                        .map_err(|e| format!("apply layer {digest}: {e}"))?;
+                    if applied.diff_id.as_str() != diff_id {
+                        return Err(format!(
+                            "layer {digest}: diff id {} does not match the config's {diff_id}",
+                            applied.diff_id
+                        ));
+                    }
+                    Ok(())
+                })();
+                if let Err(e) = applied {
+                    let _ = self.snapshotter.remove(&active);
+                    return Err(e);
+                }
+                if let Err(e) = self.snapshotter.commit(&name, &active, labels) {
+                    let _ = self.snapshotter.remove(&active);
+                    // Another build committed the same layer first: use theirs.
+                    if self.snapshotter.stat(&name).is_err() {
+                        return Err(format!("commit layer snapshot: {e}"));
+                    }
+                }
+            }
+            parent = name;
+        }
+        if parent.is_empty() {
+            Ok(Ref::Scratch)
+        } else {
+            Ok(Ref::Snapshot(parent))
+        }
+    }
+
+    fn fetch_blob(&self, reference: &Reference, digest: &Digest) -> Result<(), String> {
+        let mut writer = self.content.writer().map_err(|e| e.to_string())?;
+        self.registry.fetch_blob(reference, digest, &mut writer).map_err(|e| format!("fetch {digest}: {e}"))?;
+        writer.commit(Some(digest)).map_err(|e| format!("store {digest}: {e}"))?;
+        Ok(())
+    }
+
+    fn exec_run(
+        &self,
+        exec: &ExecOp,
+        meta: &NodeMeta,
+        key: &CacheKey,
+        inputs: &[Ref],
+        progress: &dyn Progress,
+    ) -> Result<Ref, String> {
+        if !exec.mounts.is_empty() {
+            return Err("RUN --mount is not supported yet".into());
+        }
+        let parent = match exec.rootfs_input {
+            Some(i) => input_snapshot(inputs, i)?,
+            None => String::new(),
+        };
+        let description = meta.description.clone();
+        self.with_active(&parent, key, BTreeMap::new(), |_active, mounts| {
+            let req = RunRequest {
+                rootfs: mounts,
+                process: ProcessSpec {
+                    args: exec.args.clone(),
+                    env: exec.env.clone(),
+                    cwd: exec.cwd.clone(),
+                    user: exec.user.clone(),
+                    hostname: "buildkitsandbox".into(),
+                    network: exec.network,
+                },
+                mounts: vec![],
+                hosts_file: None,
+                resolv_conf: None,
+            };
+            let mut pending: [Vec<u8>; 2] = [Vec::new(), Vec::new()];
+            let mut tail: Vec<String> = Vec::new();
+            let mut emit = |stream: Stream, bytes: &[u8]| {
+                let buf = &mut pending[stream as usize];
+                buf.extend_from_slice(bytes);
+                while let Some(pos) = buf.iter().position(|b| *b == b'\n') {
+                    let line: Vec<u8> = buf.drain(..=pos).collect();
+                    let text = String::from_utf8_lossy(&line[..line.len() - 1]).into_owned();
+                    tail.push(text.clone());
+                    if tail.len() > 10 {
+                        tail.remove(0);
+                    }
+                    progress.event(ProgressEvent::Output { description: description.clone(), line: text });
+                }
+            };
+            let result = self.sandbox.run(&req, &mut emit);
+            for buf in pending.iter() {
+                if !buf.is_empty() {
+                    let text = String::from_utf8_lossy(buf).into_owned();
+                    progress.event(ProgressEvent::Output { description: description.clone(), line: text });
+                }
+            }
+            result.map_err(|e| match e {
+                strata_sandbox::Error::Exit { code } => {
+                    format!("process \"{}\" did not complete successfully: exit code: {code}", exec.args.join(" "))
+                }
+                other => other.to_string(),
+            })
+        })
+    }
+
+    fn exec_file(&self, op: &FileOp, key: &CacheKey, inputs: &[Ref]) -> Result<Ref, String> {
+        let parent = match op.base_input {
+            Some(i) => input_snapshot(inputs, i)?,
+            None => String::new(),
+        };
+        // Read-only views of the snapshot inputs that actions copy from.
+        let mut used: Vec<u32> = op
+            .actions
+            .iter()
+            .filter_map(|a| match a {
+                FileAction::Copy(c) => Some(c.src_input),
+                _ => None,
+            })
+            .collect();
+        used.sort_unstable();
+        used.dedup();
+        let mut guards = Vec::new();
+        let mut view_keys = Vec::new();
+        let mut roots: Vec<Option<PathBuf>> = vec![None; inputs.len()];
+        let mut is_context = vec![false; inputs.len()];
+        let cleanup = |guards: Vec<MountGuard>, view_keys: Vec<String>| {
+            drop(guards);
+            for k in view_keys {
+                let _ = self.snapshotter.remove(&k);
+            }
+        };
+        for &i in &used {
+            match inputs.get(i as usize) {
+                Some(Ref::Local(p)) => {
+                    roots[i as usize] = Some(p.clone());
+                    is_context[i as usize] = true;
+                }
+                Some(Ref::Snapshot(name)) => {
+                    let vk = Self::temp_key("view");
+                    let mounts = match self.snapshotter.view(&vk, name) {
+                        Ok(m) => m,
+                        Err(e) => {
+                            cleanup(guards, view_keys);
+                            return Err(format!("view snapshot: {e}"));
+                        }
+                    };
+                    view_keys.push(vk.clone());
+                    let target = match self.mount_point(&vk) {
+                        Ok(t) => t,
+                        Err(e) => {
+                            cleanup(guards, view_keys);
+                            return Err(e);
+                        }
+                    };
+                    match MountGuard::mount(&mounts, &target) {
+                        Ok(g) => guards.push(g),
+                        Err(e) => {
+                            cleanup(guards, view_keys);
+                            return Err(format!("mount snapshot: {e}"));
+                        }
+                    }
+                    roots[i as usize] = Some(target);
+                }
+                Some(Ref::Scratch) => {
+                    let empty = match self.mount_point(&Self::temp_key("empty")) {
+                        Ok(t) => t,
+                        Err(e) => {
+                            cleanup(guards, view_keys);
+                            return Err(e);
+                        }
+                    };
+                    roots[i as usize] = Some(empty);
+                }
+                None => {
+                    cleanup(guards, view_keys);
+                    return Err(format!("file op reads missing input {i}"));
+                }
+            }
+        }
+        let result = self.with_active(&parent, key, BTreeMap::new(), |active, mounts| {
+            let target = self.mount_point(active)?;
+            let guard = MountGuard::mount(&mounts, &target).map_err(|e| format!("mount snapshot: {e}"))?;
+            let sources: Vec<Option<SourceRoot>> = roots
+                .iter()
+                .enumerate()
+                .map(|(i, r)| {
+                    r.as_deref().map(|path| SourceRoot {
+                        path,
+                        ignore: if is_context[i] { self.ignore.as_ref() } else { None },
+                        is_context: is_context[i],
+                    })
+                })
+                .collect();
+            let applied = apply_file_op(&target, op, &sources).map_err(|e| e.to_string());
+            let unmounted = guard.unmount().map_err(|e| format!("unmount: {e}"));
+            let _ = std::fs::remove_dir(&target);
+            applied?;
+            unmounted
+        });
+        cleanup(guards, view_keys);
+        for r in roots.iter().flatten() {
+            if r.starts_with(&self.mounts_dir) {
+                let _ = std::fs::remove_dir(r);
+            }
+        }
+        result
+    }
+}
+
+fn nanos() -> u128 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0)
+}
+
+fn input_snapshot(inputs: &[Ref], i: u32) -> Result<String, String> {
+    match inputs.get(i as usize) {
+        Some(r) => r.snapshot_name().map(str::to_string).ok_or_else(|| "a local directory cannot be a root filesystem".into()),
+        None => Err(format!("missing input {i}")),
+    }
+}
+
+impl Worker for RealWorker {
+    fn content_key(&self, node: &Node, local_inputs: &[Option<&Ref>]) -> Result<Option<[u8; 32]>, String> {
+        let Op::File(op) = &node.op else { return Ok(None) };
+        let mut hasher = blake3::Hasher::new();
+        let mut any = false;
+        for action in &op.actions {
+            if let FileAction::Copy(c) = action {
+                if let Some(Some(Ref::Local(path))) = local_inputs.get(c.src_input as usize) {
+                    let root = SourceRoot { path, ignore: self.ignore.as_ref(), is_context: true };
+                    let sum = checksum(&root, c, &self.stat_cache).map_err(|e| e.to_string())?;
+                    hasher.update(&sum);
+                    any = true;
+                }
+            }
+        }
+        Ok(any.then(|| *hasher.finalize().as_bytes()))
+    }
+
+    fn immediate(&self, node: &Node) -> Option<Ref> {
+        match &node.op {
+            Op::Source(SourceOp::Local { .. }) => Some(Ref::Local(self.context_dir.clone())),
+            _ => None,
+        }
+    }
+
+    fn exec(&self, node: &Node, meta: &NodeMeta, key: &CacheKey, inputs: &[Ref], progress: &dyn Progress) -> Result<Ref, String> {
+        match &node.op {
+            Op::Source(SourceOp::Image { reference }) => self.pull(reference, progress, &meta.description),
+            Op::Source(SourceOp::Local { .. }) => Ok(Ref::Local(self.context_dir.clone())),
+            Op::Exec(exec) => self.exec_run(exec, meta, key, inputs, progress),
+            Op::File(op) => self.exec_file(op, key, inputs),
+            Op::Merge => Err("merge ops are not supported yet".into()),
+        }
+    }
+
+    fn exists(&self, r: &Ref) -> bool {
+        match r {
+            Ref::Snapshot(name) => self.snapshotter.stat(name).is_ok(),
+            Ref::Scratch => true,
+            Ref::Local(p) => p.is_dir(),
+        }
+    }
+}
+
+/// Reads a whole stream; used for small blobs.
+pub fn read_all(mut r: impl Read) -> std::io::Result<Vec<u8>> {
+    let mut v = Vec::new();
+    r.read_to_end(&mut v)?;
+    Ok(v)
+}
+
+/// The layer chain of a result, bottom first (committed snapshot names).
+pub fn snapshot_chain(snapshotter: &dyn Snapshotter, top: &Ref) -> Result<Vec<String>, String> {
+    let mut chain = Vec::new();
+    let mut next = match top {
+        Ref::Snapshot(n) => Some(n.clone()),
+        _ => None,
+    };
+    while let Some(name) = next {
+        let info = snapshotter.stat(&name).map_err(|e| e.to_string())?;
+        next = info.parent.clone().filter(|p| !p.is_empty());
+        chain.push(name);
+    }
+    chain.reverse();
+    Ok(chain)
+}
+
+/// Path helper for callers that keep per-store files.
+pub fn store_path(root: &Path, name: &str) -> PathBuf {
+    root.join(name)
+}

@@ -1,0 +1,155 @@
+//! Helpers shared by the end-to-end tests.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub fn strata_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_strata")
+}
+
+/// `../shared` beside the repository (this crate lives in `cli/`).
+pub fn shared_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared")
+}
+
+pub fn repo_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+pub fn registry() -> String {
+    std::env::var("STRATA_TEST_REGISTRY").unwrap_or_else(|_| "127.0.0.1:5000".into())
+}
+
+/// A unique suffix for names pushed to the shared registry.
+pub fn unique() -> String {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+    format!("{}-{}", std::process::id(), nanos)
+}
+
+/// A fresh store and a scratch directory, removed at the end of the test.
+pub struct TestEnv {
+    pub dir: tempfile::TempDir,
+}
+
+impl TestEnv {
+    pub fn new() -> Self {
+        TestEnv { dir: tempfile::Builder::new().prefix("strata-e2e-").tempdir().unwrap() }
+    }
+
+    pub fn root(&self) -> PathBuf {
+        self.dir.path().join("root")
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    pub fn strata(&self) -> Command {
+        let mut c = Command::new(strata_bin());
+        c.arg("--root").arg(self.root());
+        c
+    }
+
+    /// Runs `strata build ARGS` and returns its output (not asserting success).
+    pub fn build(&self, args: &[&str]) -> Output {
+        let out = self.strata().arg("build").arg("--progress=plain").args(args).output().unwrap();
+        eprintln!(
+            "strata build {:?}: {}\n--- stderr ---\n{}",
+            args,
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    }
+
+    pub fn build_ok(&self, args: &[&str]) -> String {
+        let out = self.build(args);
+        assert!(out.status.success(), "build failed: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+
+    /// Copies a directory into the scratch dir and returns the copy's path.
+    pub fn copy_context(&self, src: &Path, name: &str) -> PathBuf {
+        let dest = self.path(name);
+        let status = Command::new("cp").arg("-a").arg(src).arg(&dest).status().unwrap();
+        assert!(status.success());
+        dest
+    }
+
+    /// Unpacks an OCI archive with skopeo + umoci (independent tools) and returns the rootfs.
+    pub fn unpack_oci_archive(&self, tar: &Path, name: &str) -> PathBuf {
+        let layout = self.path(&format!("{name}-layout"));
+        let bundle = self.path(&format!("{name}-bundle"));
+        run_ok(Command::new("skopeo").arg("copy").arg("-q").arg(format!("oci-archive:{}", tar.display())).arg(format!(
+            "oci:{}:img",
+            layout.display()
+        )));
+        run_ok(Command::new("umoci").arg("unpack").arg("--image").arg(format!("{}:img", layout.display())).arg(&bundle));
+        bundle.join("rootfs")
+    }
+
+    /// The image config of an OCI archive, read by skopeo.
+    pub fn oci_archive_config(&self, tar: &Path) -> serde_json::Value {
+        let out = run_ok(
+            Command::new("skopeo").arg("inspect").arg("--config").arg(format!("oci-archive:{}", tar.display())),
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+}
+
+pub fn run_ok(cmd: &mut Command) -> Output {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Mount points under `dir` in this (the host's) mount namespace.
+pub fn mounts_under(dir: &Path) -> Vec<String> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let prefix = dir.to_string_lossy().into_owned();
+    info.lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .filter(|m| m.starts_with(&prefix))
+        .map(str::to_string)
+        .collect()
+}
+
+/// Lines of `#N ...` progress that say a step ran (not cached).
+pub fn executed_steps(stderr: &str) -> Vec<String> {
+    let mut names = std::collections::HashMap::new();
+    let mut done = Vec::new();
+    for line in stderr.lines() {
+        let Some(rest) = line.strip_prefix('#') else { continue };
+        let Some((id, text)) = rest.split_once(' ') else { continue };
+        if text.starts_with('[') {
+            names.entry(id.to_string()).or_insert_with(|| text.to_string());
+        } else if text.starts_with("DONE") {
+            if let Some(n) = names.get(id) {
+                done.push(n.clone());
+            }
+        }
+    }
+    done
+}
+
+pub fn cached_steps(stderr: &str) -> Vec<String> {
+    let mut names = std::collections::HashMap::new();
+    let mut cached = Vec::new();
+    for line in stderr.lines() {
+        let Some(rest) = line.strip_prefix('#') else { continue };
+        let Some((id, text)) = rest.split_once(' ') else { continue };
+        if text.starts_with('[') {
+            names.entry(id.to_string()).or_insert_with(|| text.to_string());
+        } else if text == "CACHED" {
+            if let Some(n) = names.get(id) {
+                cached.push(n.clone());
+            }
+        }
+    }
+    cached
+}

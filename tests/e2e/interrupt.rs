@@ -1,0 +1,72 @@
+//! An interrupted build leaves no mount behind, and the next build works.
+
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use crate::common::*;
+
+fn slow_context(env: &TestEnv) -> std::path::PathBuf {
+    let dir = env.path("slow");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("a.txt"), "a\n").unwrap();
+    std::fs::write(
+        dir.join("Dockerfile"),
+        format!("FROM {}/busybox:latest\nCOPY a.txt /a.txt\nRUN echo started-slow-step && sleep 30\n", registry()),
+    )
+    .unwrap();
+    dir
+}
+
+fn wait_for_step(stderr_path: &std::path::Path) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        if std::fs::read_to_string(stderr_path).unwrap_or_default().contains("started-slow-step") {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("the slow step never started: {}", std::fs::read_to_string(stderr_path).unwrap_or_default());
+}
+
+fn interrupt_with(signal: libc::c_int) {
+    let env = TestEnv::new();
+    let ctx = slow_context(&env);
+    let log = env.path("stderr.log");
+    let mut child = env
+        .strata()
+        .args(["build", "--progress=plain", ctx.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    wait_for_step(&log);
+    unsafe {
+        libc::kill(child.id() as i32, signal);
+    }
+    let started = Instant::now();
+    let status = child.wait().unwrap();
+    assert!(started.elapsed() < Duration::from_secs(20), "the build did not stop promptly");
+    if signal == libc::SIGINT {
+        assert_eq!(status.code(), Some(130), "{}", std::fs::read_to_string(&log).unwrap());
+    }
+    // Give the sandbox (which dies with its parent) a moment, then check for leftovers.
+    std::thread::sleep(Duration::from_millis(500));
+    let next = env.path("next");
+    std::fs::create_dir_all(&next).unwrap();
+    std::fs::write(next.join("Dockerfile"), format!("FROM {}/busybox:latest\nRUN echo next-build-ok\n", registry())).unwrap();
+    let out = env.build_ok(&[next.to_str().unwrap()]);
+    assert!(out.contains("next-build-ok"), "{out}");
+    assert_eq!(mounts_under(&env.root()), Vec::<String>::new(), "mounts left behind");
+    let ps = std::process::Command::new("ps").args(["-eo", "args"]).output().unwrap();
+    assert!(!String::from_utf8_lossy(&ps.stdout).lines().any(|l| l.contains("started-slow-step")), "sandboxed process survived");
+}
+
+#[test]
+fn sigint_stops_the_build_with_130_and_leaves_no_mount() {
+    interrupt_with(libc::SIGINT);
+}
+
+#[test]
+fn sigkill_leaves_no_mount_after_the_next_start() {
+    interrupt_with(libc::SIGKILL);
+}
