@@ -250,34 +250,81 @@ fn parse_pax_time(v: &str) -> Option<(i64, i64)> {
     Some((secs, nanos))
 }
 
-fn entry_meta<R: Read>(entry: &mut tar::Entry<'_, R>) -> io::Result<Meta> {
-    let h = entry.header();
+/// Extended header data (PAX `x`, GNU `L`/`K`) that applies to the next real entry.
+#[derive(Default)]
+struct Pending {
+    path: Option<Vec<u8>>,
+    linkpath: Option<Vec<u8>>,
+    pax: Vec<(String, Vec<u8>)>,
+}
+
+/// Parses PAX records (`<len> <key>=<value>\n`). Values are binary-safe: the length
+/// prefix, not a newline, ends a record (xattr values often contain `\n`).
+fn parse_pax(data: &[u8]) -> io::Result<Vec<(String, Vec<u8>)>> {
+    let bad = || io::Error::new(io::ErrorKind::InvalidData, "malformed pax record");
+    let mut out = Vec::new();
+    let mut rest = data;
+    while !rest.is_empty() {
+        if rest.iter().all(|b| *b == 0) {
+            break;
+        }
+        let sp = rest.iter().position(|b| *b == b' ').ok_or_else(bad)?;
+        let len: usize = std::str::from_utf8(&rest[..sp])
+            .ok()
+            .and_then(|l| l.parse().ok())
+            .ok_or_else(bad)?;
+        if len <= sp + 1 || len > rest.len() {
+            return Err(bad());
+        }
+        let record = &rest[sp + 1..len];
+        let record = record.strip_suffix(b"\n").ok_or_else(bad)?;
+        let eq = record.iter().position(|b| *b == b'=').ok_or_else(bad)?;
+        let key = String::from_utf8(record[..eq].to_vec()).map_err(|_| bad())?;
+        out.push((key, record[eq + 1..].to_vec()));
+        rest = &rest[len..];
+    }
+    Ok(out)
+}
+
+/// A numeric header field; all-blank counts as 0 (as Go's archive/tar reads it).
+fn num(field: &[u8], parsed: io::Result<u64>) -> io::Result<u64> {
+    if field.iter().all(|b| *b == 0 || *b == b' ') {
+        Ok(0)
+    } else {
+        parsed
+    }
+}
+
+fn entry_meta(h: &tar::Header, pax: &[(String, Vec<u8>)]) -> io::Result<Meta> {
+    let old = h.as_old();
+    let mtime = num(&old.mtime, h.mtime())?;
     let mut m = Meta {
-        uid: h.uid()?,
-        gid: h.gid()?,
-        mode: h.mode()? & 0o7777,
-        mtime: (i64::try_from(h.mtime()?).unwrap_or(0), 0),
+        uid: num(&old.uid, h.uid())?,
+        gid: num(&old.gid, h.gid())?,
+        mode: u32::try_from(num(&old.mode, h.mode().map(u64::from))?).unwrap_or(0) & 0o7777,
+        mtime: (i64::try_from(mtime).unwrap_or(0), 0),
         xattrs: Vec::new(),
     };
-    if let Some(exts) = entry.pax_extensions()? {
-        for ext in exts {
-            let ext = ext?;
-            let Ok(key) = ext.key() else { continue };
-            let value = ext.value_bytes();
-            let text = std::str::from_utf8(value).unwrap_or("");
-            match key {
-                "uid" => m.uid = text.parse().unwrap_or(m.uid),
-                "gid" => m.gid = text.parse().unwrap_or(m.gid),
-                "mtime" => m.mtime = parse_pax_time(text).unwrap_or(m.mtime),
-                k => {
-                    if let Some(name) = k.strip_prefix(PAX_XATTR) {
-                        m.xattrs.push((name.to_string(), value.to_vec()));
-                    }
+    for (key, value) in pax {
+        let text = std::str::from_utf8(value).unwrap_or("");
+        match key.as_str() {
+            "uid" => m.uid = text.parse().unwrap_or(m.uid),
+            "gid" => m.gid = text.parse().unwrap_or(m.gid),
+            "mtime" => m.mtime = parse_pax_time(text).unwrap_or(m.mtime),
+            k => {
+                if let Some(name) = k.strip_prefix(PAX_XATTR) {
+                    m.xattrs.push((name.to_string(), value.clone()));
                 }
             }
         }
     }
     Ok(m)
+}
+
+fn read_all<R: Read>(entry: &mut tar::Entry<'_, R>) -> io::Result<Vec<u8>> {
+    let mut v = Vec::new();
+    entry.read_to_end(&mut v)?;
+    Ok(v)
 }
 
 fn set_times(dir: &OwnedFd, name: &CStr, (secs, nanos): (i64, i64)) -> io::Result<()> {
@@ -357,12 +404,47 @@ pub fn apply_layer(layer: impl Read, dest: &Path) -> Result<Applied> {
         .map_err(|e| Error::io(format!("open layer destination {}", dest.display()), e))?;
     let root = OwnedFd::from(root_file);
     let mut dir_times: Vec<(Vec<u8>, (i64, i64))> = Vec::new();
+    // Raw entries: the tar crate's own PAX parsing splits records at newlines, which
+    // corrupts binary xattr values, so extended headers are handled here.
+    let mut pending = Pending::default();
     for entry in archive
         .entries()
         .map_err(|e| Error::io("read layer tar", e))?
+        .raw(true)
     {
         let mut entry = entry.map_err(|e| Error::io("read layer tar entry", e))?;
-        apply_entry(&root, &mut entry, &mut dir_times)?;
+        let kind = entry.header().entry_type();
+        match kind {
+            tar::EntryType::XHeader => {
+                let data = read_all(&mut entry).map_err(|e| Error::io("read pax header", e))?;
+                for (k, v) in parse_pax(&data).map_err(|e| Error::io("read pax header", e))? {
+                    match k.as_str() {
+                        "path" => pending.path = Some(v),
+                        "linkpath" => pending.linkpath = Some(v),
+                        _ => pending.pax.push((k, v)),
+                    }
+                }
+            }
+            tar::EntryType::GNULongName | tar::EntryType::GNULongLink => {
+                let mut data =
+                    read_all(&mut entry).map_err(|e| Error::io("read gnu long name", e))?;
+                while data.last() == Some(&0) {
+                    data.pop();
+                }
+                if kind == tar::EntryType::GNULongName {
+                    pending.path = Some(data);
+                } else {
+                    pending.linkpath = Some(data);
+                }
+            }
+            tar::EntryType::XGlobalHeader => {
+                read_all(&mut entry).map_err(|e| Error::io("read pax global header", e))?;
+            }
+            _ => {
+                let ext = std::mem::take(&mut pending);
+                apply_entry(&root, &mut entry, ext, &mut dir_times)?;
+            }
+        }
     }
     // Directory times last: creating their children would have bumped them.
     for (path, t) in dir_times.iter().rev() {
@@ -395,9 +477,15 @@ pub fn apply_layer(layer: impl Read, dest: &Path) -> Result<Applied> {
 fn apply_entry<R: Read>(
     root: &OwnedFd,
     entry: &mut tar::Entry<'_, R>,
+    ext: Pending,
     dir_times: &mut Vec<(Vec<u8>, (i64, i64))>,
 ) -> Result<()> {
-    let path = entry.path_bytes().into_owned();
+    let path = ext
+        .path
+        .unwrap_or_else(|| entry.path_bytes().into_owned());
+    let link_name = ext
+        .linkpath
+        .or_else(|| entry.link_name_bytes().map(|l| l.into_owned()));
     let io_err = |action: &str, e: io::Error| {
         Error::io(
             format!("{action} {}", String::from_utf8_lossy(&path)),
@@ -405,12 +493,6 @@ fn apply_entry<R: Read>(
         )
     };
     let kind = entry.header().entry_type();
-    if matches!(
-        kind,
-        tar::EntryType::XGlobalHeader | tar::EntryType::XHeader | tar::EntryType::GNULongName
-    ) {
-        return Ok(());
-    }
     let comps = components(&path).ok_or_else(|| unsafe_entry(&path, "path contains \"..\""))?;
     let Some((&name, parents)) = comps.split_last() else {
         // The layer root itself: `dest` keeps its own metadata.
@@ -418,7 +500,7 @@ fn apply_entry<R: Read>(
     };
     let parent =
         resolve_dir(root, parents, true).map_err(|e| io_err("create parent directory of", e))?;
-    let meta = entry_meta(entry).map_err(|e| io_err("read header of", e))?;
+    let meta = entry_meta(entry.header(), &ext.pax).map_err(|e| io_err("read header of", e))?;
 
     if name == OPAQUE_MARKER {
         xattr::set(proc_path(&parent, b"."), OPAQUE_XATTR, b"y")
@@ -436,6 +518,14 @@ fn apply_entry<R: Read>(
             libc::mknodat(parent.as_raw_fd(), c.as_ptr(), libc::S_IFCHR, 0)
         })
         .map_err(|e| io_err("create whiteout for", e))?;
+        // Owner and time as recorded, so the layer written back is byte-identical.
+        let wmeta = Meta {
+            mode: 0,
+            xattrs: Vec::new(),
+            ..meta
+        };
+        set_meta(&parent, hidden, &wmeta, false).map_err(|e| io_err("set metadata of", e))?;
+        set_times(&parent, &c, wmeta.mtime).map_err(|e| io_err("set times of", e))?;
         return Ok(());
     }
 
@@ -475,20 +565,19 @@ fn apply_entry<R: Read>(
             io::copy(entry, &mut file).map_err(|e| io_err("write file", e))?;
         }
         tar::EntryType::Symlink => {
-            let target = entry
-                .link_name_bytes()
+            let target = link_name
+                .as_deref()
                 .ok_or_else(|| unsafe_entry(&path, "symlink without target"))?;
-            let t = cstr(&target).map_err(|e| io_err("create symlink", e))?;
+            let t = cstr(target).map_err(|e| io_err("create symlink", e))?;
             // SAFETY: valid fd and NUL-terminated strings.
             check(unsafe { libc::symlinkat(t.as_ptr(), pfd, cname.as_ptr()) })
                 .map_err(|e| io_err("create symlink", e))?;
         }
         tar::EntryType::Link => {
-            let target = entry
-                .link_name_bytes()
-                .ok_or_else(|| unsafe_entry(&path, "hardlink without target"))?
-                .into_owned();
-            let tcomps = components(&target)
+            let target = link_name
+                .as_deref()
+                .ok_or_else(|| unsafe_entry(&path, "hardlink without target"))?;
+            let tcomps = components(target)
                 .ok_or_else(|| unsafe_entry(&path, "hardlink target contains \"..\""))?;
             let Some((&tname, tparents)) = tcomps.split_last() else {
                 return Err(unsafe_entry(&path, "hardlink to the layer root"));
@@ -726,7 +815,8 @@ fn write_dir<W: Write>(out: &mut TarOut<W>, dir: &Path, rel: &[u8]) -> Result<()
             }
             wh.extend_from_slice(WHITEOUT_PREFIX);
             wh.extend_from_slice(name.as_bytes());
-            out.entry(&wh, tar::EntryType::Regular, &meta, mode, None, &[], None)?;
+            // Mode 0 as overlayfs creates them; the device's own bits mean nothing.
+            out.entry(&wh, tar::EntryType::Regular, &meta, 0, None, &[], None)?;
         } else if ft.is_dir() {
             let xattrs = layer_xattrs(&full)?;
             let mut dpath = path.clone();
