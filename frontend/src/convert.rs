@@ -6,12 +6,13 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use strata_dag::image::{Empty, HealthConfig, History, ImageConfig};
 use strata_dag::{
-    CopyAction, DefinitionBuilder, ExecOp, FileAction, FileOp, Input, Network, Node, NodeMeta, Op, Owner,
-    Platform, SourceLocation, SourceOp, UserSpec,
+    CopyAction, DefinitionBuilder, ExecOp, FileAction, FileOp, Input, Network, Node, NodeMeta, Op,
+    Owner, Platform, SourceLocation, SourceOp, UserSpec,
 };
 
 use crate::instructions::{
-    ArgDecl, Command, CommandLine, CopyInstr, Dockerfile, HealthcheckInstr, Instruction, Location, RunInstr, Stage,
+    ArgDecl, Command, CommandLine, CopyInstr, Dockerfile, HealthcheckInstr, Instruction, Location,
+    RunInstr, Stage,
 };
 use crate::shell::{EnvGetter, Lex};
 
@@ -78,26 +79,51 @@ pub struct ConvertError {
 
 impl ConvertError {
     fn at(message: impl Into<String>, location: Location) -> Self {
-        ConvertError { message: message.into(), location: Some(location) }
+        ConvertError {
+            message: message.into(),
+            location: Some(location),
+        }
     }
     fn bare(message: impl Into<String>) -> Self {
-        ConvertError { message: message.into(), location: None }
+        ConvertError {
+            message: message.into(),
+            location: None,
+        }
     }
 }
 
 /// Parses and lowers a Dockerfile.
-pub fn convert(text: &str, opts: &ConvertOptions, resolver: &dyn ImageResolver) -> Result<BuildPlan, ConvertError> {
+pub fn convert(
+    text: &str,
+    opts: &ConvertOptions,
+    resolver: &dyn ImageResolver,
+) -> Result<BuildPlan, ConvertError> {
     if text.is_empty() {
         return Err(ConvertError::bare("the Dockerfile cannot be empty"));
     }
-    let parsed = crate::parser::parse(text)
-        .map_err(|e| ConvertError::at(e.message.clone(), Location { start_line: e.line, end_line: e.line }))?;
-    let dockerfile = crate::instructions::from_ast(&parsed.root)
-        .map_err(|e| ConvertError { message: e.message.clone(), location: Some(e.location) })?;
+    let parsed = crate::parser::parse(text).map_err(|e| {
+        ConvertError::at(
+            e.message.clone(),
+            Location {
+                start_line: e.line,
+                end_line: e.line,
+            },
+        )
+    })?;
+    let dockerfile = crate::instructions::from_ast(&parsed.root).map_err(|e| ConvertError {
+        message: e.message.clone(),
+        location: Some(e.location),
+    })?;
     let mut warnings: Vec<Warning> = parsed
         .warnings
         .iter()
-        .map(|w| Warning { message: w.message.clone(), location: Some(Location { start_line: w.line, end_line: w.line }) })
+        .map(|w| Warning {
+            message: w.message.clone(),
+            location: Some(Location {
+                start_line: w.line,
+                end_line: w.line,
+            }),
+        })
         .collect();
     let mut converter = Converter::new(&dockerfile, opts, resolver, parsed.escape)?;
     let plan = converter.run()?;
@@ -144,7 +170,6 @@ enum BaseKind {
 }
 
 struct Converter<'a> {
-    df: &'a Dockerfile,
     opts: &'a ConvertOptions,
     resolver: &'a dyn ImageResolver,
     lex: Lex,
@@ -170,11 +195,17 @@ fn default_args(platform: &Platform) -> Vec<(String, String)> {
         ("BUILDPLATFORM".into(), fmt(&build)),
         ("BUILDOS".into(), build.os.clone()),
         ("BUILDARCH".into(), build.architecture.clone()),
-        ("BUILDVARIANT".into(), build.variant.clone().unwrap_or_default()),
+        (
+            "BUILDVARIANT".into(),
+            build.variant.clone().unwrap_or_default(),
+        ),
         ("TARGETPLATFORM".into(), fmt(platform)),
         ("TARGETOS".into(), platform.os.clone()),
         ("TARGETARCH".into(), platform.architecture.clone()),
-        ("TARGETVARIANT".into(), platform.variant.clone().unwrap_or_default()),
+        (
+            "TARGETVARIANT".into(),
+            platform.variant.clone().unwrap_or_default(),
+        ),
     ]
 }
 
@@ -189,7 +220,10 @@ fn set_pair(list: &mut Vec<(String, String)>, key: &str, value: String) {
 /// `addEnv` on a config Env list (`K=V` strings): replace in place or append.
 fn add_env(env: &mut Vec<String>, key: &str, value: &str) {
     let entry = format!("{key}={value}");
-    if let Some(slot) = env.iter_mut().find(|e| e.split_once('=').map_or(e.as_str(), |(k, _)| k) == key) {
+    if let Some(slot) = env
+        .iter_mut()
+        .find(|e| e.split_once('=').map_or(e.as_str(), |(k, _)| k) == key)
+    {
         *slot = entry;
     } else {
         env.push(entry);
@@ -223,7 +257,11 @@ pub fn clean_path(p: &str) -> String {
 
 /// BuildKit's `system.NormalizePath(cwd, p, keepSlash)` for Linux.
 fn normalize_path(cwd: &str, p: &str, keep_slash: bool) -> String {
-    let joined = if p.starts_with('/') { p.to_string() } else { format!("{cwd}/{p}") };
+    let joined = if p.starts_with('/') {
+        p.to_string()
+    } else {
+        format!("{cwd}/{p}")
+    };
     let mut out = clean_path(&joined);
     if !out.starts_with('/') {
         out = format!("/{out}");
@@ -259,18 +297,29 @@ pub fn parse_owner(s: &str) -> Option<Owner> {
         Some((u, g)) => (u, Some(g)),
         None => (s, None),
     };
-    Some(Owner { user: parse_user_spec(user), group: group.filter(|g| !g.is_empty()).map(parse_user_spec) })
+    Some(Owner {
+        user: parse_user_spec(user),
+        group: group.filter(|g| !g.is_empty()).map(parse_user_spec),
+    })
 }
 
 fn parse_chmod(s: &str, location: Location) -> Result<u32, ConvertError> {
     let non_octal = || {
-        ConvertError::at(format!("invalid chmod parameter: '{s}'. it should be octal string and between 0 and 07777"), location)
+        ConvertError::at(
+            format!(
+                "invalid chmod parameter: '{s}'. it should be octal string and between 0 and 07777"
+            ),
+            location,
+        )
     };
     match u32::from_str_radix(s, 8) {
         Ok(v) if v <= 0o7777 => Ok(v),
         Ok(_) => Err(non_octal()),
         Err(_) if s.chars().all(|c| c.is_ascii_digit()) => Err(non_octal()),
-        Err(_) => Err(ConvertError::at(format!("--chmod={s}: only octal modes are supported"), location)),
+        Err(_) => Err(ConvertError::at(
+            format!("--chmod={s}: only octal modes are supported"),
+            location,
+        )),
     }
 }
 
@@ -285,13 +334,17 @@ fn parse_duration(s: &str) -> Option<i64> {
         return None;
     }
     while !rest.is_empty() {
-        let num_len = rest.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(rest.len());
+        let num_len = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(rest.len());
         if num_len == 0 {
             return None;
         }
         let n: f64 = rest[..num_len].parse().ok()?;
         rest = &rest[num_len..];
-        let unit_len = rest.find(|c: char| c.is_ascii_digit() || c == '.').unwrap_or(rest.len());
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
         let mult = match &rest[..unit_len] {
             "ns" => 1.0,
             "us" | "µs" => 1e3,
@@ -323,7 +376,10 @@ fn with_shell(image: &ImageConfig, cmd: &str) -> Vec<String> {
 
 /// Go's `%q` of a string slice: `["a" "b"]`.
 fn go_quote_list(items: &[String]) -> String {
-    let quoted: Vec<String> = items.iter().map(|s| serde_json::to_string(s).unwrap_or_default()).collect();
+    let quoted: Vec<String> = items
+        .iter()
+        .map(|s| serde_json::to_string(s).unwrap_or_default())
+        .collect();
     format!("[{}]", quoted.join(" "))
 }
 
@@ -335,10 +391,16 @@ fn expand_ports(spec: &str, location: Location) -> Result<Vec<String>, ConvertEr
         None => (spec, "tcp".to_string()),
     };
     if !matches!(proto.as_str(), "tcp" | "udp" | "sctp") {
-        return Err(ConvertError::at(format!("invalid proto: {proto}"), location));
+        return Err(ConvertError::at(
+            format!("invalid proto: {proto}"),
+            location,
+        ));
     }
     let (start, end) = match ports.split_once('-') {
-        Some((a, b)) => (a.parse::<u16>().map_err(|_| bad())?, b.parse::<u16>().map_err(|_| bad())?),
+        Some((a, b)) => (
+            a.parse::<u16>().map_err(|_| bad())?,
+            b.parse::<u16>().map_err(|_| bad())?,
+        ),
         None => {
             let p = ports.parse::<u16>().map_err(|_| bad())?;
             (p, p)
@@ -396,10 +458,13 @@ impl<'a> Converter<'a> {
             if let Some(name) = &stage.name {
                 by_name.insert(name.to_lowercase(), i);
             }
-            stages.push(StageInfo { stage, base, display });
+            stages.push(StageInfo {
+                stage,
+                base,
+                display,
+            });
         }
         Ok(Converter {
-            df,
             opts,
             resolver,
             lex,
@@ -419,13 +484,15 @@ impl<'a> Converter<'a> {
     fn run(&mut self) -> Result<BuildPlan, ConvertError> {
         let target = match &self.opts.target {
             None => self.stages.len() - 1,
-            Some(t) => *self
-                .by_name
-                .get(&t.to_lowercase())
-                .ok_or_else(|| ConvertError::bare(format!("target stage \"{t}\" could not be found")))?,
+            Some(t) => *self.by_name.get(&t.to_lowercase()).ok_or_else(|| {
+                ConvertError::bare(format!("target stage \"{t}\" could not be found"))
+            })?,
         };
         self.dispatch_stage(target)?;
-        let state = self.done.remove(&target).ok_or_else(|| ConvertError::bare("target stage was not built"))?;
+        let state = self
+            .done
+            .remove(&target)
+            .ok_or_else(|| ConvertError::bare("target stage was not built"))?;
         let builder = std::mem::take(&mut self.builder);
         let definition = builder.finish(state.root.clone());
         let mut unused: Vec<String> = self
@@ -436,7 +503,12 @@ impl<'a> Converter<'a> {
             .cloned()
             .collect();
         unused.sort();
-        Ok(BuildPlan { definition, image: state.image, warnings: Vec::new(), unused_build_args: unused })
+        Ok(BuildPlan {
+            definition,
+            image: state.image,
+            warnings: Vec::new(),
+            unused_build_args: unused,
+        })
     }
 
     fn base_kind(&self, index: usize) -> BaseKind {
@@ -453,13 +525,23 @@ impl<'a> Converter<'a> {
         BaseKind::Image(base.clone())
     }
 
-    fn resolve_image(&mut self, name: &str, location: Location) -> Result<ResolvedImage, ConvertError> {
+    fn resolve_image(
+        &mut self,
+        name: &str,
+        location: Location,
+    ) -> Result<ResolvedImage, ConvertError> {
         if let Some(r) = self.images.get(name) {
             return Ok(r.clone());
         }
-        let resolved = self.resolver.resolve(name, &self.opts.platform).map_err(|e| {
-            ConvertError::at(format!("failed to resolve source metadata for {name}: {e}"), location)
-        })?;
+        let resolved = self
+            .resolver
+            .resolve(name, &self.opts.platform)
+            .map_err(|e| {
+                ConvertError::at(
+                    format!("failed to resolve source metadata for {name}: {e}"),
+                    location,
+                )
+            })?;
         self.images.insert(name.to_string(), resolved.clone());
         Ok(resolved)
     }
@@ -468,10 +550,15 @@ impl<'a> Converter<'a> {
         self.builder.add(
             Node {
                 inputs: vec![],
-                op: Op::Source(SourceOp::Image { reference: resolved.pinned.clone() }),
+                op: Op::Source(SourceOp::Image {
+                    reference: resolved.pinned.clone(),
+                }),
                 platform: self.opts.platform.clone(),
             },
-            NodeMeta { description, ..Default::default() },
+            NodeMeta {
+                description,
+                ..Default::default()
+            },
         )
     }
 
@@ -489,7 +576,10 @@ impl<'a> Converter<'a> {
                 }),
                 platform: self.opts.platform.clone(),
             },
-            NodeMeta { description: "[internal] load build context".into(), ..Default::default() },
+            NodeMeta {
+                description: "[internal] load build context".into(),
+                ..Default::default()
+            },
         );
         self.context = Some(input.clone());
         input
@@ -498,7 +588,10 @@ impl<'a> Converter<'a> {
     fn stage_ref(&self, from: &str, location: Location) -> Result<Option<usize>, ConvertError> {
         if let Ok(index) = from.parse::<i64>() {
             if index < 0 || index as usize >= self.stages.len() {
-                return Err(ConvertError::at(format!("invalid stage index {index}"), location));
+                return Err(ConvertError::at(
+                    format!("invalid stage index {index}"),
+                    location,
+                ));
             }
             return Ok(Some(index as usize));
         }
@@ -511,12 +604,20 @@ impl<'a> Converter<'a> {
         }
         let info_location = self.stages[index].stage.location;
         if !self.in_progress.insert(index) {
-            return Err(ConvertError::at("circular dependency detected on stage", info_location));
+            return Err(ConvertError::at(
+                "circular dependency detected on stage",
+                info_location,
+            ));
         }
         let stage = self.stages[index].stage;
         let display = self.stages[index].display.clone();
         let ignore_cache = self.opts.no_cache
-            || stage.name.as_ref().is_some_and(|n| self.opts.no_cache_filter.iter().any(|f| f.eq_ignore_ascii_case(n)));
+            || stage.name.as_ref().is_some_and(|n| {
+                self.opts
+                    .no_cache_filter
+                    .iter()
+                    .any(|f| f.eq_ignore_ascii_case(n))
+            });
 
         let cmd_total = stage
             .commands
@@ -524,7 +625,10 @@ impl<'a> Converter<'a> {
             .filter(|c| {
                 matches!(
                     c.instruction,
-                    Instruction::Add(_) | Instruction::Copy(_) | Instruction::Run(_) | Instruction::Workdir(_)
+                    Instruction::Add(_)
+                        | Instruction::Copy(_)
+                        | Instruction::Run(_)
+                        | Instruction::Workdir(_)
                 )
             })
             .count();
@@ -532,7 +636,11 @@ impl<'a> Converter<'a> {
         let mut state = match self.base_kind(index) {
             BaseKind::Stage(i) => {
                 self.dispatch_stage(i)?;
-                let mut base = self.done.get(&i).cloned().ok_or_else(|| ConvertError::bare("stage was not built"))?;
+                let mut base = self
+                    .done
+                    .get(&i)
+                    .cloned()
+                    .ok_or_else(|| ConvertError::bare("stage was not built"))?;
                 base.image.config.on_build.clear();
                 base.cmd_index = 0;
                 base.cmd_total = cmd_total;
@@ -556,14 +664,26 @@ impl<'a> Converter<'a> {
                 let total = cmd_total + 1;
                 let description = format!("[{display} 1/{total}] FROM {}", resolved.pinned);
                 let root = self.image_source(&resolved, description);
-                let mut st = self.new_state(Some(root), resolved.config.clone(), display.clone(), ignore_cache, total);
+                let mut st = self.new_state(
+                    Some(root),
+                    resolved.config.clone(),
+                    display.clone(),
+                    ignore_cache,
+                    total,
+                );
                 st.cmd_index = 1;
                 st
             }
         };
         if !matches!(self.base_kind(index), BaseKind::Stage(_)) {
             // make sure that PATH is always set
-            if !state.image.config.env.iter().any(|e| e.starts_with("PATH=")) {
+            if !state
+                .image
+                .config
+                .env
+                .iter()
+                .any(|e| e.starts_with("PATH="))
+            {
                 state.image.config.env.push(format!("PATH={DEFAULT_PATH}"));
             }
             for e in state.image.config.env.clone() {
@@ -580,9 +700,15 @@ impl<'a> Converter<'a> {
         let triggers = std::mem::take(&mut state.image.config.on_build);
         for trigger in &triggers {
             let cmd = parse_trigger(trigger).map_err(|m| {
-                ConvertError::at(format!("failed to parse onbuild trigger {trigger:?}: {m}"), stage.location)
+                ConvertError::at(
+                    format!("failed to parse onbuild trigger {trigger:?}: {m}"),
+                    stage.location,
+                )
             })?;
-            let cmd = Command { location: stage.location, ..cmd };
+            let cmd = Command {
+                location: stage.location,
+                ..cmd
+            };
             self.dispatch(&mut state, &cmd)?;
         }
 
@@ -617,14 +743,24 @@ impl<'a> Converter<'a> {
         }
     }
 
-    fn expand(&self, state: &StageState, word: &str, location: Location) -> Result<String, ConvertError> {
-        self.lex.process_word(word, &state.env).map_err(|e| ConvertError::at(e.to_string(), location))
+    fn expand(
+        &self,
+        state: &StageState,
+        word: &str,
+        location: Location,
+    ) -> Result<String, ConvertError> {
+        self.lex
+            .process_word(word, &state.env)
+            .map_err(|e| ConvertError::at(e.to_string(), location))
     }
 
     fn describe(&self, state: &mut StageState, text: &str) -> String {
         state.cmd_index += 1;
         let width = state.cmd_total.to_string().len();
-        format!("[{} {:>width$}/{}] {}", state.name, state.cmd_index, state.cmd_total, text)
+        format!(
+            "[{} {:>width$}/{}] {}",
+            state.name, state.cmd_index, state.cmd_total, text
+        )
     }
 
     fn meta(&self, state: &StageState, description: String, location: Location) -> NodeMeta {
@@ -687,7 +823,12 @@ impl<'a> Converter<'a> {
                 if wd != "/" {
                     let description = self.describe(state, &format!("WORKDIR {wd}"));
                     let owner = parse_owner(&state.image.config.user);
-                    let action = FileAction::Mkdir { path: wd.clone(), mode: 0o755, owner, make_parents: true };
+                    let action = FileAction::Mkdir {
+                        path: wd.clone(),
+                        mode: 0o755,
+                        owner,
+                        make_parents: true,
+                    };
                     self.add_file_op(state, vec![], vec![action], description, loc);
                     with_layer = true;
                 }
@@ -710,7 +851,17 @@ impl<'a> Converter<'a> {
                 for p in &all {
                     state.image.config.exposed_ports.insert(p.clone(), Empty {});
                 }
-                Self::history(state, format!("EXPOSE map[{}]", all.iter().map(|p| format!("{p}:{{}}")).collect::<Vec<_>>().join(" ")), false);
+                Self::history(
+                    state,
+                    format!(
+                        "EXPOSE map[{}]",
+                        all.iter()
+                            .map(|p| format!("{p}:{{}}"))
+                            .collect::<Vec<_>>()
+                            .join(" ")
+                    ),
+                    false,
+                );
             }
             Instruction::Cmd(line) => {
                 let args = self.command_args(state, line);
@@ -732,7 +883,10 @@ impl<'a> Converter<'a> {
                 for v in vols {
                     let v = self.expand(state, v, loc)?;
                     if v.is_empty() {
-                        return Err(ConvertError::at("VOLUME specified can not be an empty string", loc));
+                        return Err(ConvertError::at(
+                            "VOLUME specified can not be an empty string",
+                            loc,
+                        ));
                     }
                     state.image.config.volumes.insert(v.clone(), Empty {});
                     expanded.push(v);
@@ -770,14 +924,24 @@ impl<'a> Converter<'a> {
         }
     }
 
-    fn dispatch_arg(&mut self, state: &mut StageState, decls: &[ArgDecl], loc: Location) -> Result<(), ConvertError> {
+    fn dispatch_arg(
+        &mut self,
+        state: &mut StageState,
+        decls: &[ArgDecl],
+        loc: Location,
+    ) -> Result<(), ConvertError> {
         let mut commit = Vec::new();
         for decl in decls {
             self.used_args.insert(decl.name.clone());
             let given = self.opts.build_args.get(&decl.name).cloned();
             let mut value = None;
             if decl.default.is_none() && given.is_none() {
-                value = self.global_args.iter().rev().find(|(k, _)| k == &decl.name).map(|(_, v)| v.clone());
+                value = self
+                    .global_args
+                    .iter()
+                    .rev()
+                    .find(|(k, _)| k == &decl.name)
+                    .map(|(_, v)| v.clone());
             }
             if let Some(v) = given {
                 value = Some(v);
@@ -790,7 +954,10 @@ impl<'a> Converter<'a> {
             } else {
                 commit.push(decl.name.clone());
             }
-            state.build_args.push(BuildArg { key: decl.name.clone(), value });
+            state.build_args.push(BuildArg {
+                key: decl.name.clone(),
+                value,
+            });
         }
         Self::history(state, format!("ARG {}", commit.join(" ")), false);
         Ok(())
@@ -823,21 +990,35 @@ impl<'a> Converter<'a> {
             .collect();
         let node = Node {
             inputs,
-            op: Op::File(FileOp { base_input, actions }),
+            op: Op::File(FileOp {
+                base_input,
+                actions,
+            }),
             platform: self.opts.platform.clone(),
         };
         let meta = self.meta(state, description, loc);
         state.root = Some(self.builder.add(node, meta));
     }
 
-    fn dispatch_run(&mut self, state: &mut StageState, run: &RunInstr, cmd: &Command) -> Result<(), ConvertError> {
+    fn dispatch_run(
+        &mut self,
+        state: &mut StageState,
+        run: &RunInstr,
+        cmd: &Command,
+    ) -> Result<(), ConvertError> {
         let loc = cmd.location;
         if let Some(m) = run.mounts.first() {
-            return Err(ConvertError::at(format!("RUN --mount={m}: --mount is not supported yet"), loc));
+            return Err(ConvertError::at(
+                format!("RUN --mount={m}: --mount is not supported yet"),
+                loc,
+            ));
         }
         if let Some(s) = &run.security {
             if s != "sandbox" {
-                return Err(ConvertError::at(format!("RUN --security={s}: not supported yet"), loc));
+                return Err(ConvertError::at(
+                    format!("RUN --security={s}: not supported yet"),
+                    loc,
+                ));
             }
         }
         let network = match run.network.as_deref() {
@@ -845,7 +1026,10 @@ impl<'a> Converter<'a> {
             Some("host") => Network::Host,
             Some("none") => Network::None,
             Some(other) => {
-                return Err(ConvertError::at(format!("unsupported network mode {other:?}"), loc));
+                return Err(ConvertError::at(
+                    format!("unsupported network mode {other:?}"),
+                    loc,
+                ));
             }
         };
         let mut args = match &run.command {
@@ -858,9 +1042,16 @@ impl<'a> Converter<'a> {
             let single = run.heredocs.len() == 1 && is_single_heredoc_command(&line);
             if single {
                 let doc = &run.heredocs[0];
-                let data = if doc.chomp { chomp_heredoc(&doc.content) } else { doc.content.clone() };
+                let data = if doc.chomp {
+                    chomp_heredoc(&doc.content)
+                } else {
+                    doc.content.clone()
+                };
                 if data.starts_with("#!") {
-                    return Err(ConvertError::at("RUN heredoc with a #! interpreter line is not supported yet", loc));
+                    return Err(ConvertError::at(
+                        "RUN heredoc with a #! interpreter line is not supported yet",
+                        loc,
+                    ));
                 }
                 args = vec![data];
             } else {
@@ -902,7 +1093,13 @@ impl<'a> Converter<'a> {
         // History shows the args that were in scope (`|1 A=b /bin/sh -c ...`).
         let mut shown: Vec<String> = Vec::new();
         for a in &state.build_args {
-            let v = state.env.iter().rev().find(|(k, _)| k == &a.key).map(|(_, v)| v.clone()).or(a.value.clone());
+            let v = state
+                .env
+                .iter()
+                .rev()
+                .find(|(k, _)| k == &a.key)
+                .map(|(_, v)| v.clone())
+                .or(a.value.clone());
             let entry = format!("{}={}", a.key, v.unwrap_or_default());
             shown.retain(|s| s.split_once('=').map(|(k, _)| k) != Some(a.key.as_str()));
             shown.push(entry);
@@ -917,17 +1114,32 @@ impl<'a> Converter<'a> {
         Ok(())
     }
 
-    fn dispatch_copy(&mut self, state: &mut StageState, c: &CopyInstr, is_add: bool, cmd: &Command) -> Result<(), ConvertError> {
+    fn dispatch_copy(
+        &mut self,
+        state: &mut StageState,
+        c: &CopyInstr,
+        is_add: bool,
+        cmd: &Command,
+    ) -> Result<(), ConvertError> {
         let loc = cmd.location;
         let keyword = if is_add { "ADD" } else { "COPY" };
         if c.parents {
-            return Err(ConvertError::at(format!("{keyword} --parents is not supported yet"), loc));
+            return Err(ConvertError::at(
+                format!("{keyword} --parents is not supported yet"),
+                loc,
+            ));
         }
         if c.checksum.is_some() {
             if !is_add {
-                return Err(ConvertError::at("checksum can't be specified for COPY", loc));
+                return Err(ConvertError::at(
+                    "checksum can't be specified for COPY",
+                    loc,
+                ));
             }
-            return Err(ConvertError::at("checksum requires HTTP(S) or Git sources", loc));
+            return Err(ConvertError::at(
+                "checksum requires HTTP(S) or Git sources",
+                loc,
+            ));
         }
         let dest_raw = self.expand(state, &c.dest, loc)?;
         let dest = dest_path(&state.dir, &dest_raw);
@@ -947,7 +1159,10 @@ impl<'a> Converter<'a> {
         // Where the sources come from: another stage, an image, or the build context.
         let mut extra_inputs = Vec::new();
         if let Some(from) = &c.from {
-            let expanded = self.lex.process_word(from, &Vec::<(String, String)>::new()).unwrap_or_default();
+            let expanded = self
+                .lex
+                .process_word(from, &Vec::<(String, String)>::new())
+                .unwrap_or_default();
             if &expanded != from {
                 return Err(ConvertError::at(
                     "variable expansion is not supported for --from, define a new stage with FROM using ARG from global scope as a workaround",
@@ -976,7 +1191,10 @@ impl<'a> Converter<'a> {
                                     }),
                                     platform: self.opts.platform.clone(),
                                 },
-                                NodeMeta { description: "[internal] scratch".into(), ..Default::default() },
+                                NodeMeta {
+                                    description: "[internal] scratch".into(),
+                                    ..Default::default()
+                                },
                             );
                             extra_inputs.push(empty);
                         }
@@ -984,7 +1202,8 @@ impl<'a> Converter<'a> {
                 }
                 None => {
                     let resolved = self.resolve_image(from, loc)?;
-                    let src = self.image_source(&resolved, format!("[internal] FROM {}", resolved.pinned));
+                    let src = self
+                        .image_source(&resolved, format!("[internal] FROM {}", resolved.pinned));
                     extra_inputs.push(src);
                 }
             }
@@ -1003,10 +1222,16 @@ impl<'a> Converter<'a> {
                 if !is_add {
                     return Err(ConvertError::at("source can't be a URL for COPY", loc));
                 }
-                return Err(ConvertError::at(format!("ADD {src}: remote URLs are not supported yet"), loc));
+                return Err(ConvertError::at(
+                    format!("ADD {src}: remote URLs are not supported yet"),
+                    loc,
+                ));
             }
             if src.starts_with("git@") || (src.contains(".git") && src.contains("://")) {
-                return Err(ConvertError::at(format!("{keyword} {src}: git sources are not supported yet"), loc));
+                return Err(ConvertError::at(
+                    format!("{keyword} {src}: git sources are not supported yet"),
+                    loc,
+                ));
             }
             if extra_inputs.is_empty() {
                 extra_inputs.push(self.context_input());
@@ -1029,8 +1254,16 @@ impl<'a> Converter<'a> {
         }
         // Heredoc sources: a small file made on scratch, copied like any other.
         for doc in &c.heredocs {
-            let data = if doc.expand { self.expand(state, &doc.content, loc)? } else { doc.content.clone() };
-            let data = if doc.chomp { chomp_heredoc(&data) } else { data };
+            let data = if doc.expand {
+                self.expand(state, &doc.content, loc)?
+            } else {
+                doc.content.clone()
+            };
+            let data = if doc.chomp {
+                chomp_heredoc(&data)
+            } else {
+                data
+            };
             let name = doc.name.trim_start_matches('/').to_string();
             let file = self.builder.add(
                 Node {
@@ -1046,7 +1279,10 @@ impl<'a> Converter<'a> {
                     }),
                     platform: self.opts.platform.clone(),
                 },
-                NodeMeta { description: "[internal] preparing inline document".into(), ..Default::default() },
+                NodeMeta {
+                    description: "[internal] preparing inline document".into(),
+                    ..Default::default()
+                },
             );
             let idx = extra_inputs.len() as u32;
             extra_inputs.push(file);
@@ -1066,9 +1302,15 @@ impl<'a> Converter<'a> {
             }));
         }
         if actions.is_empty() {
-            return Err(ConvertError::at(format!("{keyword} requires at least two arguments"), loc));
+            return Err(ConvertError::at(
+                format!("{keyword} requires at least two arguments"),
+                loc,
+            ));
         }
-        let mut printed = self.lex.process_word(&cmd.original, &state.env).unwrap_or_else(|_| cmd.original.clone());
+        let mut printed = self
+            .lex
+            .process_word(&cmd.original, &state.env)
+            .unwrap_or_else(|_| cmd.original.clone());
         if let Some(rest) = printed.get(keyword.len()..) {
             printed = format!("{keyword}{rest}");
         }
@@ -1094,9 +1336,15 @@ impl<'a> Converter<'a> {
 
 /// Parses an ONBUILD trigger (one instruction) by wrapping it in a throwaway stage.
 fn parse_trigger(trigger: &str) -> Result<Command, String> {
-    let parsed = crate::parser::parse(&format!("FROM scratch\n{trigger}\n")).map_err(|e| e.message)?;
+    let parsed =
+        crate::parser::parse(&format!("FROM scratch\n{trigger}\n")).map_err(|e| e.message)?;
     let df = crate::instructions::from_ast(&parsed.root).map_err(|e| e.message)?;
-    let mut commands = df.stages.into_iter().next().map(|s| s.commands).unwrap_or_default();
+    let mut commands = df
+        .stages
+        .into_iter()
+        .next()
+        .map(|s| s.commands)
+        .unwrap_or_default();
     if commands.len() != 1 {
         return Err("onbuild trigger should be a single expression".into());
     }
@@ -1124,24 +1372,32 @@ fn is_predefined_arg(k: &str) -> bool {
 /// A heredoc RUN whose whole command is just `<<EOF` (optionally `<<-EOF`, quoted).
 fn is_single_heredoc_command(line: &str) -> bool {
     let t = line.trim();
-    let Some(rest) = t.strip_prefix("<<") else { return false };
+    let Some(rest) = t.strip_prefix("<<") else {
+        return false;
+    };
     let rest = rest.strip_prefix('-').unwrap_or(rest).trim();
     !rest.is_empty() && !rest.contains(char::is_whitespace)
 }
 
 /// `<<-`: strip leading tabs of every line.
 fn chomp_heredoc(s: &str) -> String {
-    s.split_inclusive('\n').map(|l| l.trim_start_matches('\t')).collect()
+    s.split_inclusive('\n')
+        .map(|l| l.trim_start_matches('\t'))
+        .collect()
 }
 
 fn validate_signal(sig: &str) -> Result<(), String> {
     const NAMES: &[&str] = &[
-        "ABRT", "ALRM", "BUS", "CHLD", "CLD", "CONT", "FPE", "HUP", "ILL", "INT", "IO", "IOT", "KILL", "PIPE",
-        "POLL", "PROF", "PWR", "QUIT", "SEGV", "STKFLT", "STOP", "SYS", "TERM", "TRAP", "TSTP", "TTIN", "TTOU",
-        "URG", "USR1", "USR2", "VTALRM", "WINCH", "XCPU", "XFSZ",
+        "ABRT", "ALRM", "BUS", "CHLD", "CLD", "CONT", "FPE", "HUP", "ILL", "INT", "IO", "IOT",
+        "KILL", "PIPE", "POLL", "PROF", "PWR", "QUIT", "SEGV", "STKFLT", "STOP", "SYS", "TERM",
+        "TRAP", "TSTP", "TTIN", "TTOU", "URG", "USR1", "USR2", "VTALRM", "WINCH", "XCPU", "XFSZ",
     ];
     if let Ok(n) = sig.parse::<u32>() {
-        return if n == 0 { Err(format!("invalid signal: {sig}")) } else { Ok(()) };
+        return if n == 0 {
+            Err(format!("invalid signal: {sig}"))
+        } else {
+            Ok(())
+        };
     }
     let upper = sig.to_ascii_uppercase();
     let name = upper.strip_prefix("SIG").unwrap_or(&upper);
@@ -1154,13 +1410,17 @@ fn validate_signal(sig: &str) -> Result<(), String> {
 
 fn health_config(h: &HealthcheckInstr, loc: Location) -> Result<HealthConfig, ConvertError> {
     let Some(test) = &h.test else {
-        return Ok(HealthConfig { test: vec!["NONE".into()], ..Default::default() });
+        return Ok(HealthConfig {
+            test: vec!["NONE".into()],
+            ..Default::default()
+        });
     };
     let dur = |name: &str, v: &Option<String>| -> Result<i64, ConvertError> {
         match v {
             None => Ok(0),
-            Some(s) => parse_duration(s)
-                .ok_or_else(|| ConvertError::at(format!("time: invalid duration \"{s}\" for --{name}"), loc)),
+            Some(s) => parse_duration(s).ok_or_else(|| {
+                ConvertError::at(format!("time: invalid duration \"{s}\" for --{name}"), loc)
+            }),
         }
     };
     let retries = match &h.retries {
@@ -1205,7 +1465,10 @@ mod tests {
         let loc = Location::default();
         assert_eq!(expand_ports("80", loc).unwrap(), vec!["80/tcp"]);
         assert_eq!(expand_ports("53/UDP", loc).unwrap(), vec!["53/udp"]);
-        assert_eq!(expand_ports("8000-8002", loc).unwrap(), vec!["8000/tcp", "8001/tcp", "8002/tcp"]);
+        assert_eq!(
+            expand_ports("8000-8002", loc).unwrap(),
+            vec!["8000/tcp", "8001/tcp", "8002/tcp"]
+        );
         assert!(expand_ports("abc", loc).is_err());
     }
 
@@ -1221,7 +1484,10 @@ mod tests {
     fn owners_parse_names_and_ids() {
         assert_eq!(
             parse_owner("1000:app"),
-            Some(Owner { user: UserSpec::Id(1000), group: Some(UserSpec::Name("app".into())) })
+            Some(Owner {
+                user: UserSpec::Id(1000),
+                group: Some(UserSpec::Name("app".into()))
+            })
         );
         assert_eq!(parse_owner(""), None);
     }

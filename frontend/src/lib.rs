@@ -9,6 +9,7 @@
 //!
 //! [`dockerignore`] implements moby's patternmatcher rules for the build context.
 
+pub mod convert;
 pub mod dockerignore;
 pub mod instructions;
 pub mod parser;
