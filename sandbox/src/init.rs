@@ -202,11 +202,15 @@ fn spawn_pid1(req: &RunRequest, state: &State, hostname: &str) -> Result<i32, Se
     if req.process.network == Network::None {
         loopback_up()?;
     }
+    // Its write end lives only in the outer init: pid 1 sees a hang-up if the outer init died
+    // before pid 1 could arm its parent death signal.
+    let (alive, alive_w) = pipe2(OFlag::O_CLOEXEC).ctx(|| "create liveness pipe".into())?;
     // SAFETY: this process is single-threaded (a fresh exec that started no threads).
     match unsafe { fork() }.ctx(|| "fork sandbox pid 1".into())? {
         ForkResult::Child => {
+            drop(alive_w);
             let mut root = None;
-            let report = match pid1(req, state, hostname, &mut root) {
+            let report = match pid1(req, state, hostname, alive, &mut root) {
                 Ok(report) => report,
                 Err(e) => Report::SetupFailed { message: e.chain() },
             };
@@ -216,14 +220,19 @@ fn spawn_pid1(req: &RunRequest, state: &State, hostname: &str) -> Result<i32, Se
             send(&report);
             std::process::exit(0)
         }
-        ForkResult::Parent { child } => loop {
-            match waitpid(child, None) {
-                Ok(WaitStatus::Exited(_, code)) => return Ok(code),
-                Ok(WaitStatus::Signaled(_, sig, _)) => return Ok(128 + sig as i32),
-                Ok(_) | Err(Errno::EINTR) => {}
-                Err(e) => return Err(e).ctx(|| "wait for sandbox pid 1".into()),
-            }
-        },
+        ForkResult::Parent { child } => {
+            drop(alive);
+            let status = loop {
+                match waitpid(child, None) {
+                    Ok(WaitStatus::Exited(_, code)) => break Ok(code),
+                    Ok(WaitStatus::Signaled(_, sig, _)) => break Ok(128 + sig as i32),
+                    Ok(_) | Err(Errno::EINTR) => {}
+                    Err(e) => break Err(e).ctx(|| "wait for sandbox pid 1".into()),
+                }
+            };
+            drop(alive_w);
+            status
+        }
     }
 }
 
@@ -257,9 +266,23 @@ fn pid1(
     req: &RunRequest,
     state: &State,
     hostname: &str,
+    alive: OwnedFd,
     root_slot: &mut Option<Root>,
 ) -> Result<Report, SetupError> {
     die_with_parent()?;
+    let mut pfd = libc::pollfd {
+        fd: alive.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, no timeout.
+    let ready = unsafe { libc::poll(&mut pfd, 1, 0) };
+    if ready != 0 {
+        return Err(SetupError::Message(
+            "sandbox init exited before pid 1 started".into(),
+        ));
+    }
+    drop(alive);
     // A mount namespace of pid 1's own (not the outer init's), so pivot_root leaves the
     // outer init on the host root, able to remove the state directory.
     unshare(CloneFlags::CLONE_NEWNS).ctx(|| "unshare mount namespace".into())?;

@@ -9,6 +9,7 @@ use std::path::{Component, Path, PathBuf};
 
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::sys::stat::{mknod, utimensat, Mode, SFlag, UtimensatFlags};
+use nix::sys::statvfs::FsFlags;
 use nix::sys::time::TimeSpec;
 use nix::unistd::{chdir, pivot_root};
 use strata_snapshotter::Mount;
@@ -241,10 +242,52 @@ impl Root {
             remount_ro(&sys)?;
         }
 
+        self.protect_kernel_files(&proc_dir, &sys)?;
+
         for (target, source) in [("/etc/hosts", hosts), ("/etc/resolv.conf", resolv_conf)] {
             let t = self.ensure(target, false)?;
             self.mount_at(Some(source), &t, None, MsFlags::MS_BIND, None)?;
             remount_ro(&t)?;
+        }
+        Ok(())
+    }
+
+    /// Docker's read-only and masked paths: without them root in the step could write
+    /// host-global sysctls or /proc/sysrq-trigger, or read kernel memory.
+    fn protect_kernel_files(&mut self, proc_dir: &Path, sys: &Path) -> Result<(), SetupError> {
+        for name in READONLY_PROC {
+            let p = proc_dir.join(name);
+            if fs::symlink_metadata(&p).is_err() {
+                continue;
+            }
+            self.mount_at(Some(&p), &p, None, MsFlags::MS_BIND | MsFlags::MS_REC, None)?;
+            remount_ro(&p)?;
+        }
+        let masked = MASKED_PROC
+            .iter()
+            .map(|n| proc_dir.join(n))
+            .chain(MASKED_SYS.iter().map(|n| sys.join(n)));
+        for p in masked {
+            let Ok(meta) = fs::metadata(&p) else {
+                continue;
+            };
+            if meta.is_dir() {
+                self.mount_at(
+                    Some(Path::new("tmpfs")),
+                    &p,
+                    Some("tmpfs"),
+                    MsFlags::MS_RDONLY,
+                    None,
+                )?;
+            } else {
+                self.mount_at(
+                    Some(Path::new("/dev/null")),
+                    &p,
+                    None,
+                    MsFlags::MS_BIND,
+                    None,
+                )?;
+            }
         }
         Ok(())
     }
@@ -343,6 +386,22 @@ impl Root {
     }
 }
 
+/// Docker's default read-only paths under /proc.
+const READONLY_PROC: &[&str] = &["bus", "fs", "irq", "sys", "sysrq-trigger"];
+/// Docker's default masked paths under /proc and /sys.
+const MASKED_PROC: &[&str] = &[
+    "asound",
+    "acpi",
+    "kcore",
+    "keys",
+    "latency_stats",
+    "timer_list",
+    "timer_stats",
+    "sched_debug",
+    "scsi",
+];
+const MASKED_SYS: &[&str] = &["firmware", "devices/virtual/powercap"];
+
 fn components(path: &Path) -> impl Iterator<Item = OsString> + '_ {
     path.components().filter_map(|c| match c {
         Component::Normal(n) => Some(n.to_os_string()),
@@ -352,14 +411,25 @@ fn components(path: &Path) -> impl Iterator<Item = OsString> + '_ {
 }
 
 fn remount_ro(target: &Path) -> Result<(), SetupError> {
-    mount(
-        None::<&Path>,
-        target,
-        None::<&str>,
-        MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
-        None::<&str>,
-    )
-    .ctx(|| format!("remount {} read-only", target.display()))
+    // A bind remount sets the per-mount flags exactly, so keep nosuid etc.
+    let current = nix::sys::statvfs::statvfs(target)
+        .ctx(|| format!("statvfs {}", target.display()))?
+        .flags();
+    let mut flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY;
+    for (st, ms) in [
+        (FsFlags::ST_NOSUID, MsFlags::MS_NOSUID),
+        (FsFlags::ST_NODEV, MsFlags::MS_NODEV),
+        (FsFlags::ST_NOEXEC, MsFlags::MS_NOEXEC),
+        (FsFlags::ST_NOATIME, MsFlags::MS_NOATIME),
+        (FsFlags::ST_NODIRATIME, MsFlags::MS_NODIRATIME),
+        (FsFlags::ST_RELATIME, MsFlags::MS_RELATIME),
+    ] {
+        if current.contains(st) {
+            flags |= ms;
+        }
+    }
+    mount(None::<&Path>, target, None::<&str>, flags, None::<&str>)
+        .ctx(|| format!("remount {} read-only", target.display()))
 }
 
 fn populate_dev(dev: &Path) -> Result<(), SetupError> {

@@ -297,6 +297,20 @@ fn capabilities_are_dockers_and_mount_is_denied() {
 }
 
 #[test]
+fn kernel_files_are_read_only_or_masked() {
+    let dir = tempfile::tempdir().unwrap();
+    busybox_root(dir.path());
+    let req = request(
+        bind_root(dir.path()),
+        "echo 0 > /proc/sys/vm/overcommit_memory 2>/dev/null && echo wrote-sysctl; \
+         echo h > /proc/sysrq-trigger 2>/dev/null && echo wrote-sysrq; \
+         wc -c < /proc/timer_list; ls /sys/firmware | wc -l; grep -c ' /proc/sys ro,' /proc/self/mountinfo",
+    );
+    let out = run_ok(&req);
+    assert_eq!(out, "0\n0\n1\n");
+}
+
+#[test]
 fn setup_failures_are_reported() {
     let dir = tempfile::tempdir().unwrap();
     busybox_root(dir.path());
