@@ -262,7 +262,8 @@ impl Client {
         self
     }
 
-    /// HTTP requests sent so far, including retries, redirects' first hops and token fetches.
+    /// HTTP requests sent so far, including retries and token fetches (redirect hops that
+    /// ureq follows inside one request are not counted separately).
     pub fn request_count(&self) -> u64 {
         self.requests.load(Ordering::Relaxed)
     }
@@ -880,23 +881,21 @@ impl Client {
                     req.set("Content-Length", &len.to_string()).send(reader)
                 }
             };
-            let retry = match result {
+            match result {
                 Ok(resp) | Err(ureq::Error::Status(_, resp)) => {
                     let s = resp.status();
                     if !(s >= 500 || s == 429) || attempt >= retries {
                         return Ok(resp);
                     }
                     drain(resp);
-                    None
                 }
-                Err(ureq::Error::Transport(t)) => Some(t),
-            };
-            if attempt >= retries {
-                if let Some(t) = retry {
-                    return Err(Error::Transport {
-                        action: action.to_string(),
-                        source: Box::new(t),
-                    });
+                Err(ureq::Error::Transport(t)) => {
+                    if attempt >= retries {
+                        return Err(Error::Transport {
+                            action: action.to_string(),
+                            source: Box::new(t),
+                        });
+                    }
                 }
             }
             self.backoff(attempt);
@@ -1258,6 +1257,13 @@ impl Write for LimitedVec {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn client_is_shareable_across_threads() {
+        fn assert_send_sync<T: Send + Sync>() {}
+        assert_send_sync::<Client>();
+        assert_send_sync::<Error>();
+    }
 
     #[test]
     fn unauthorized_message_suggests_login() {

@@ -118,6 +118,14 @@ impl Reference {
     }
 }
 
+impl std::str::FromStr for Reference {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self, Error> {
+        Reference::parse(s)
+    }
+}
+
 pub(crate) fn api_host(registry: &str) -> &str {
     if registry == DOCKER_HUB {
         DOCKER_HUB_API
