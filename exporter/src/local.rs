@@ -23,8 +23,18 @@ pub fn copy_rootfs(src: &Path, dest: &Path) -> Result<()> {
             src.display()
         )));
     }
+    let src_real =
+        fs::canonicalize(src).map_err(|e| Error::io(format!("resolve {}", src.display()), e))?;
+    if resolve_prefix(dest)?.starts_with(&src_real) {
+        return Err(Error::InvalidArgument(format!(
+            "cannot copy {} into itself ({})",
+            src.display(),
+            dest.display()
+        )));
+    }
     let mut copier = Copier {
         links: HashMap::new(),
+        root: dest.to_path_buf(),
         dirs: Vec::new(),
     };
     copier.make_dir(src, dest, &meta)?;
@@ -58,9 +68,35 @@ pub fn copy_rootfs(src: &Path, dest: &Path) -> Result<()> {
     Ok(())
 }
 
+/// `p` with its longest existing prefix resolved, for paths that may not exist yet.
+fn resolve_prefix(p: &Path) -> Result<PathBuf> {
+    let abs = if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        std::env::current_dir()
+            .map_err(|e| Error::io("read current directory", e))?
+            .join(p)
+    };
+    let mut rest = Vec::new();
+    let mut cur = abs.as_path();
+    loop {
+        if let Ok(real) = fs::canonicalize(cur) {
+            return Ok(rest.iter().rev().fold(real, |acc, c| acc.join(c)));
+        }
+        match (cur.parent(), cur.file_name()) {
+            (Some(parent), Some(name)) => {
+                rest.push(name.to_os_string());
+                cur = parent;
+            }
+            _ => return Ok(abs),
+        }
+    }
+}
+
 struct Copier {
     /// (dev, ino) of a multiply-linked source file -> its first copy.
     links: HashMap<(u64, u64), PathBuf>,
+    root: PathBuf,
     dirs: Vec<(PathBuf, Metadata)>,
 }
 
@@ -68,6 +104,8 @@ impl Copier {
     fn make_dir(&mut self, sp: &Path, dp: &Path, m: &Metadata) -> Result<()> {
         match fs::symlink_metadata(dp) {
             Ok(existing) if existing.is_dir() => {}
+            // A destination given as a symlink to a directory is used, not replaced.
+            Ok(_) if dp == self.root && fs::metadata(dp).is_ok_and(|m| m.is_dir()) => {}
             Ok(_) => {
                 remove_any(dp)?;
                 create_dir(dp)?;

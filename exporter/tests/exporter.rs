@@ -487,3 +487,42 @@ fn export_layers_keeps_input_order() {
     bad.insert(2, &missing);
     assert!(export_layers(&bad, &f.store, &Compression::default(), &opts).is_err());
 }
+
+#[test]
+fn copy_rootfs_refuses_to_copy_into_itself() {
+    let f = fixture();
+    let src = f.root.join("src");
+    make_tree(&src);
+    let err = copy_rootfs(&src, &src.join("etc/out")).unwrap_err();
+    assert!(matches!(err, Error::InvalidArgument(_)), "{err}");
+    assert!(!src.join("etc/out").exists());
+    // Through a symlinked destination as well.
+    std::os::unix::fs::symlink(&src, f.root.join("alias")).unwrap();
+    assert!(copy_rootfs(&src, &f.root.join("alias/x")).is_err());
+    // A symlink to a directory as the destination is followed.
+    let real = f.root.join("real-out");
+    fs::create_dir(&real).unwrap();
+    std::os::unix::fs::symlink(&real, f.root.join("out-link")).unwrap();
+    copy_rootfs(&src, &f.root.join("out-link")).unwrap();
+    assert!(real.join("etc/hello.txt").is_file());
+}
+
+#[test]
+fn image_without_layers_exports_everywhere() {
+    let f = fixture();
+    let image = write_image(&f.store, &[], config("empty"), true).unwrap();
+    let oci = f.root.join("empty-oci.tar");
+    write_oci_archive(&f.store, &image, Some("latest"), &oci).unwrap();
+    let out = run(Command::new("skopeo")
+        .arg("inspect")
+        .arg(format!("oci-archive:{}", oci.display())));
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["Layers"].as_array().map(Vec::len), Some(0));
+    let docker = f.root.join("empty-docker.tar");
+    write_docker_archive(&f.store, &image, &["e:1".to_string()], &docker).unwrap();
+    let out = run(Command::new("skopeo")
+        .arg("inspect")
+        .arg(format!("docker-archive:{}", docker.display())));
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["Labels"]["org.strata.test"], "empty");
+}
