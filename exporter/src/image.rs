@@ -1,6 +1,6 @@
 //! Layers + config -> config and manifest blobs.
 
-use oci_spec::image::{Descriptor, History, ImageConfiguration, ImageManifest, MediaType, RootFs};
+use oci_spec::image::{Descriptor, ImageConfiguration, ImageManifest, MediaType};
 use serde::{Deserialize, Serialize};
 use strata_dag::Digest;
 use strata_snapshotter::content::ContentStore;
@@ -35,7 +35,30 @@ pub struct ImageRecord {
 pub fn write_image(
     store: &ContentStore,
     layers: &[LayerBlob],
-    mut config: ImageConfiguration,
+    config: ImageConfiguration,
+    oci_media_types: bool,
+) -> Result<ImageRecord> {
+    let value = serde_json::to_value(&config).map_err(|e| Error::json("encode image config", e))?;
+    assemble(store, layers, value, oci_media_types)
+}
+
+/// [`write_image`] for strata's own config type, which keeps Docker's fields
+/// (`Healthcheck`, `OnBuild`, `Shell`) that oci-spec's `Config` would drop.
+pub fn write_image_config(
+    store: &ContentStore,
+    layers: &[LayerBlob],
+    config: &strata_dag::image::ImageConfig,
+    oci_media_types: bool,
+) -> Result<ImageRecord> {
+    let value = serde_json::to_value(config).map_err(|e| Error::json("encode image config", e))?;
+    assemble(store, layers, value, oci_media_types)
+}
+
+/// Works on the config as JSON so that fields neither type knows survive.
+fn assemble(
+    store: &ContentStore,
+    layers: &[LayerBlob],
+    mut config: serde_json::Value,
     oci_media_types: bool,
 ) -> Result<ImageRecord> {
     for l in layers {
@@ -43,11 +66,17 @@ pub fn write_image(
             return Err(Error::NotFound(format!("layer blob {}", l.digest)));
         }
     }
-    let mut rootfs = RootFs::default();
-    rootfs.set_typ("layers".to_string());
-    rootfs.set_diff_ids(layers.iter().map(|l| l.diff_id.to_string()).collect());
-    config.set_rootfs(rootfs);
-    normalize_history(&mut config, layers.len());
+    let obj = config
+        .as_object_mut()
+        .ok_or_else(|| Error::InvalidArgument("image config is not a JSON object".into()))?;
+    obj.insert(
+        "rootfs".into(),
+        serde_json::json!({
+            "type": "layers",
+            "diff_ids": layers.iter().map(|l| l.diff_id.to_string()).collect::<Vec<_>>(),
+        }),
+    );
+    normalize_history(obj, layers.len());
 
     let config_bytes = canonical_json("image config", &config)?;
     let config_digest = Digest::of(&config_bytes);
@@ -101,19 +130,20 @@ pub fn write_image(
 
 /// Makes the history's non-empty entries match the layer count, as BuildKit does, since
 /// docker refuses images where they differ: missing entries (a base image without
-/// history) are prepended blank, surplus ones are marked empty from the bottom. An empty
-/// history is left empty: every tool accepts that.
-fn normalize_history(config: &mut ImageConfiguration, layers: usize) {
-    let history = config.history_mut();
+/// history) are prepended blank, surplus ones are marked empty from the bottom. An absent
+/// or empty history is left so: every tool accepts that.
+fn normalize_history(config: &mut serde_json::Map<String, serde_json::Value>, layers: usize) {
+    let Some(history) = config.get_mut("history").and_then(|h| h.as_array_mut()) else {
+        return;
+    };
     if history.is_empty() {
         return;
     }
-    let non_empty = history
-        .iter()
-        .filter(|h| h.empty_layer() != Some(true))
-        .count();
+    let is_empty =
+        |h: &serde_json::Value| h.get("empty_layer") == Some(&serde_json::Value::Bool(true));
+    let non_empty = history.iter().filter(|h| !is_empty(h)).count();
     if non_empty < layers {
-        let blank = std::iter::repeat_with(History::default).take(layers - non_empty);
+        let blank = std::iter::repeat_with(|| serde_json::json!({})).take(layers - non_empty);
         let rest = std::mem::take(history);
         *history = blank.chain(rest).collect();
     } else {
@@ -122,9 +152,11 @@ fn normalize_history(config: &mut ImageConfiguration, layers: usize) {
             if surplus == 0 {
                 break;
             }
-            if h.empty_layer() != Some(true) {
-                h.set_empty_layer(Some(true));
-                surplus -= 1;
+            if !is_empty(h) {
+                if let Some(o) = h.as_object_mut() {
+                    o.insert("empty_layer".into(), serde_json::Value::Bool(true));
+                    surplus -= 1;
+                }
             }
         }
     }
@@ -189,6 +221,16 @@ pub fn read_config(store: &ContentStore, image: &ImageRecord) -> Result<ImageCon
         .map_err(|e| Error::json(format!("parse image config {}", image.config_digest), e))
 }
 
+/// The image's config as strata's own type (keeps Docker's extra fields).
+pub fn read_image_config(
+    store: &ContentStore,
+    image: &ImageRecord,
+) -> Result<strata_dag::image::ImageConfig> {
+    let bytes = read_verified(store, &image.config_digest, "image config")?;
+    strata_dag::image::ImageConfig::from_json(&bytes)
+        .map_err(|e| Error::json(format!("parse image config {}", image.config_digest), e))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -210,26 +252,31 @@ mod tests {
         assert!(layer_media_type("text/plain", true).is_err());
     }
 
-    fn history(empty: &[bool]) -> ImageConfiguration {
-        let mut c = ImageConfiguration::default();
-        c.set_history(
-            empty
-                .iter()
-                .map(|e| {
-                    let mut h = History::default();
-                    h.set_created_by(Some("x".into()));
-                    h.set_empty_layer(e.then_some(true));
-                    h
-                })
-                .collect(),
-        );
-        c
+    fn history(empty: &[bool]) -> serde_json::Map<String, serde_json::Value> {
+        let h: Vec<_> = empty
+            .iter()
+            .map(|e| {
+                if *e {
+                    serde_json::json!({"created_by": "x", "empty_layer": true})
+                } else {
+                    serde_json::json!({"created_by": "x"})
+                }
+            })
+            .collect();
+        let serde_json::Value::Object(m) = serde_json::json!({ "history": h }) else {
+            unreachable!()
+        };
+        m
     }
 
-    fn non_empty(c: &ImageConfiguration) -> usize {
-        c.history()
+    fn entries(c: &serde_json::Map<String, serde_json::Value>) -> Vec<serde_json::Value> {
+        c["history"].as_array().unwrap().clone()
+    }
+
+    fn non_empty(c: &serde_json::Map<String, serde_json::Value>) -> usize {
+        entries(c)
             .iter()
-            .filter(|h| h.empty_layer() != Some(true))
+            .filter(|h| h.get("empty_layer") != Some(&serde_json::Value::Bool(true)))
             .count()
     }
 
@@ -237,20 +284,27 @@ mod tests {
     fn history_is_matched_to_layers() {
         let mut c = history(&[false, true]);
         normalize_history(&mut c, 3);
-        assert_eq!(c.history().len(), 4);
+        assert_eq!(entries(&c).len(), 4);
         assert_eq!(non_empty(&c), 3);
-        assert_eq!(c.history()[0].created_by(), &None, "blank entries go first");
-        assert_eq!(c.history()[2].created_by().as_deref(), Some("x"));
+        assert_eq!(
+            entries(&c)[0],
+            serde_json::json!({}),
+            "blank entries go first"
+        );
+        assert_eq!(entries(&c)[2]["created_by"], "x");
 
         let mut c = history(&[false, false, false, true]);
         normalize_history(&mut c, 1);
-        assert_eq!(c.history().len(), 4);
+        assert_eq!(entries(&c).len(), 4);
         assert_eq!(non_empty(&c), 1);
-        assert_eq!(c.history()[2].empty_layer(), None, "the top one stays");
+        assert_eq!(entries(&c)[2].get("empty_layer"), None, "the top one stays");
 
         let mut c = history(&[]);
         normalize_history(&mut c, 2);
-        assert!(c.history().is_empty());
+        assert!(entries(&c).is_empty());
+        let mut none = serde_json::Map::new();
+        normalize_history(&mut none, 2);
+        assert!(none.is_empty());
     }
 
     #[test]

@@ -22,8 +22,8 @@ pub use archive::{
     write_oci_dir,
 };
 pub use image::{
-    read_config, read_manifest, write_image, ImageRecord, DOCKER_CONFIG, DOCKER_LAYER,
-    DOCKER_LAYER_GZIP, DOCKER_LAYER_ZSTD, DOCKER_MANIFEST,
+    read_config, read_image_config, read_manifest, write_image, write_image_config, ImageRecord,
+    DOCKER_CONFIG, DOCKER_LAYER, DOCKER_LAYER_GZIP, DOCKER_LAYER_ZSTD, DOCKER_MANIFEST,
 };
 pub use layer::{export_layer, export_layers, Compression, LayerBlob};
 pub use local::copy_rootfs;

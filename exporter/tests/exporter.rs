@@ -526,3 +526,47 @@ fn image_without_layers_exports_everywhere() {
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["Labels"]["org.strata.test"], "empty");
 }
+
+#[test]
+fn strata_config_keeps_docker_fields() {
+    let f = fixture();
+    let upper = f.root.join("upper");
+    make_tree(&upper);
+    let layer = export_layer(
+        &upper,
+        &f.store,
+        &Compression::default(),
+        &DiffOptions::default(),
+    )
+    .unwrap();
+    let mut cfg = strata_dag::image::ImageConfig {
+        architecture: "amd64".into(),
+        os: "linux".into(),
+        ..Default::default()
+    };
+    cfg.config.shell = vec!["/bin/bash".into(), "-c".into()];
+    cfg.config.on_build = vec!["RUN true".into()];
+    cfg.config.healthcheck = Some(strata_dag::image::HealthConfig {
+        test: vec!["CMD".into(), "true".into()],
+        retries: 3,
+        ..Default::default()
+    });
+    cfg.history = vec![strata_dag::image::History {
+        created_by: "COPY . /".into(),
+        ..Default::default()
+    }];
+    let image = write_image_config(&f.store, std::slice::from_ref(&layer), &cfg, true).unwrap();
+    let back = read_image_config(&f.store, &image).unwrap();
+    assert_eq!(back.config, cfg.config);
+    assert_eq!(back.rootfs.diff_ids, vec![layer.diff_id.to_string()]);
+    assert_eq!(back.history, cfg.history);
+    // Readable through oci-spec too.
+    assert_eq!(
+        read_config(&f.store, &image)
+            .unwrap()
+            .rootfs()
+            .diff_ids()
+            .len(),
+        1
+    );
+}
