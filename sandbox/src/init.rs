@@ -10,7 +10,6 @@
 
 use std::ffi::CString;
 use std::fs;
-use std::io::Write as _;
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -71,6 +70,12 @@ pub(crate) fn main() -> ! {
 }
 
 fn die_with_parent() -> Result<(), SetupError> {
+    // Not dumpable: the step cannot read this process's memory, fds or environment
+    // through /proc (as runc's init).
+    // SAFETY: prctl with integer arguments only.
+    if unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) } != 0 {
+        return Err(Errno::last()).ctx(|| "set not dumpable".into());
+    }
     // SAFETY: prctl with integer arguments only.
     let rc = unsafe {
         libc::prctl(
@@ -467,13 +472,14 @@ fn prepare_and_exec(exec: &Exec) -> Result<std::convert::Infallible, SetupError>
     caps::set_caps(if u.uid == 0 { caps::default_mask() } else { 0 })?;
     chdir(&exec.cwd).ctx(|| format!("chdir to {}", exec.cwd.display()))?;
     umask(Mode::from_bits_truncate(0o022));
-    let _ = std::io::stdout().flush();
     let err = match execve(&exec.path, &exec.args, &exec.env) {
         Ok(never) => match never {},
         Err(e) => e,
     };
-    Err(SetupError::Sys {
-        action: format!("exec {}", exec.path.to_string_lossy()),
-        source: err,
-    })
+    // Worded like runc's (Go's lowercase errno strings), e.g. `exec /x: exec format error`.
+    Err(SetupError::Message(format!(
+        "exec {}: {}",
+        exec.path.to_string_lossy(),
+        err.desc().to_lowercase()
+    )))
 }

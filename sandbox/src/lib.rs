@@ -136,7 +136,9 @@ impl Sandbox {
         let (mut sock, child_sock) = UnixStream::pair().map_err(Error::Spawn)?;
         let child_fd = child_sock.as_raw_fd();
         let mut cmd = Command::new(&self.init_exe);
+        // The builder's environment (maybe credentials) has no business in the sandbox.
         cmd.arg(INIT_ARG)
+            .env_clear()
             .env(init::PARENT_ENV, std::process::id().to_string())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -154,6 +156,9 @@ impl Sandbox {
                 }
                 Ok(())
             });
+        }
+        if let Some(tmp) = std::env::var_os("TMPDIR") {
+            cmd.env("TMPDIR", tmp);
         }
         let child = cmd.spawn().map_err(Error::Spawn)?;
         drop(child_sock);

@@ -187,13 +187,18 @@ fn isolated_pid_namespace_and_no_host_files() {
     let dir = tempfile::tempdir().unwrap();
     busybox_root(dir.path());
     let script = format!(
-        "echo $$; ls /proc | grep -E '^[0-9]+$' | wc -l; test -e {} && echo visible || echo absent",
+        "echo $$; ls /proc | grep -E '^[0-9]+$' | wc -l; test -e {} && echo visible || echo absent; \
+         cat /proc/1/environ >/dev/null 2>&1 && echo readable || echo hidden",
         marker.path().display()
     );
     let out = run_ok(&request(bind_root(dir.path()), &script));
     let lines: Vec<&str> = out.lines().collect();
     assert_eq!(lines[0], "2", "the command is the first child of pid 1");
     let procs: usize = lines[1].trim().parse().unwrap();
+    assert_eq!(
+        lines[3], "hidden",
+        "pid 1's environment must not be readable"
+    );
     assert!(procs <= 5, "sandbox sees {procs} processes");
     assert_eq!(lines[2], "absent");
     assert_no_stubs(dir.path());
@@ -325,6 +330,14 @@ fn setup_failures_are_reported() {
         }
         other => panic!("{other:?}"),
     }
+    fs::write(dir.path().join("script"), "echo no shebang\n").unwrap();
+    fs::set_permissions(dir.path().join("script"), fs::Permissions::from_mode(0o755)).unwrap();
+    req.process.args = vec!["/script".into()];
+    match run(&req).result {
+        Err(Error::Setup(m)) => assert_eq!(m, "exec /script: exec format error"),
+        other => panic!("{other:?}"),
+    }
+    fs::remove_file(dir.path().join("script")).unwrap();
     let mut req = request(bind_root(dir.path()), "true");
     req.process.user = "bob".into();
     match run(&req).result {
