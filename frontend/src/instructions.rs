@@ -1383,6 +1383,29 @@ mod tests {
     }
 
     #[test]
+    fn argument_count_errors() {
+        for cmd in ["MAINTAINER", "WORKDIR", "USER", "STOPSIGNAL"] {
+            let res = parse(cmd).unwrap();
+            let e = parse_command(&res.root.children[0]).unwrap_err();
+            assert_eq!(e.message, format!("{cmd} requires exactly one argument"));
+        }
+        for cmd in ["ENV", "LABEL", "ONBUILD", "HEALTHCHECK", "EXPOSE", "VOLUME"] {
+            let res = parse(cmd).unwrap();
+            let e = parse_command(&res.root.children[0]).unwrap_err();
+            assert_eq!(e.message, format!("{cmd} requires at least one argument"));
+        }
+        // The flag is reported only once the argument count is right.
+        let res = parse("MAINTAINER --boo joe@example.com").unwrap();
+        assert_eq!(
+            parse_command(&res.root.children[0]).unwrap_err().message,
+            "unknown flag: --boo"
+        );
+        // STOPSIGNAL and ARG never look at their flags in BuildKit.
+        let c = only_command("FROM a\nSTOPSIGNAL --x 9\n");
+        assert_eq!(c.instruction, Instruction::StopSignal("9".into()));
+    }
+
+    #[test]
     fn parse_command_rejects_from() {
         let res = parse("FROM a\n").unwrap();
         assert!(parse_command(&res.root.children[0]).is_err());

@@ -294,7 +294,7 @@ fn check_realworld(root: &Path, r: &mut Report) -> Result<(), String> {
 }
 
 #[test]
-fn parser_conformance_all_cases() {
+fn conformance_parser_all_cases() {
     let root = conformance_dir();
     assert!(
         root.is_dir(),
@@ -326,4 +326,53 @@ fn parser_conformance_all_cases() {
         report.failures.len(),
         report.failures.join("\n")
     );
+}
+
+// Bad input must give an error, never a panic: mutate real Dockerfiles and random text.
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
+
+    #[test]
+    fn conformance_fuzz_parse_never_panics(
+        text in "(FROM|RUN|COPY|ADD|ONBUILD|ENV|ARG|HEALTHCHECK|LABEL|CMD|SHELL|# escape=|[ \t\\\\`'\"<\\-=\\[\\]{}$:,a-z0-9\u{a0}\u{85}é\n\r])*"
+    ) {
+        if let Ok(res) = parse(&text) {
+            let _ = res.root.dump();
+            let _ = from_ast(&res.root);
+        }
+    }
+
+    #[test]
+    fn conformance_fuzz_realworld_mutations(pick in 0usize..1000, cut in 0usize..100_000, len in 0usize..64) {
+        let texts = realworld_texts();
+        if texts.is_empty() {
+            return Ok(());
+        }
+        let text = &texts[pick % texts.len()];
+        let mut at = cut % text.len().max(1);
+        while !text.is_char_boundary(at) {
+            at -= 1;
+        }
+        let mut end = (at + len).min(text.len());
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        let mutated = format!("{}{}", &text[..at], &text[end..]);
+        if let Ok(res) = parse(&mutated) {
+            let _ = res.root.dump();
+            let _ = from_ast(&res.root);
+        }
+    }
+}
+
+fn realworld_texts() -> &'static [String] {
+    static TEXTS: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    TEXTS.get_or_init(|| {
+        entries(&conformance_dir().join("realworld"), false)
+            .unwrap_or_default()
+            .iter()
+            .filter(|p| p.to_string_lossy().ends_with("Dockerfile"))
+            .filter_map(|f| read(f).ok())
+            .collect()
+    })
 }
