@@ -28,6 +28,7 @@ use nix::unistd::{
 
 use crate::error::{Context, SetupError};
 use crate::rootfs::Root;
+use crate::syscall::Linux;
 use crate::{caps, process, user, ExtraMount, Network, Report, RunRequest};
 
 /// The socket to the builder: request in, [`Report`] out.
@@ -301,7 +302,7 @@ fn pid1(
     .ctx(|| "make / private".into())?;
     umask(Mode::from_bits_truncate(0o022));
 
-    let root = root_slot.insert(Root::mount(&req.rootfs, &state.root)?);
+    let root = root_slot.insert(Root::mount(Box::new(Linux), &req.rootfs, &state.root)?);
     root.mount_specials(&state.hosts, &state.resolv_conf)?;
     for m in &req.mounts {
         match m {

@@ -11,6 +11,7 @@ mod error;
 mod init;
 mod process;
 mod rootfs;
+mod syscall;
 mod user;
 
 use std::io::{Read, Write};

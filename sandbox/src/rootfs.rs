@@ -7,14 +7,14 @@ use std::fs;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Component, Path, PathBuf};
 
-use nix::mount::{mount, umount2, MntFlags, MsFlags};
-use nix::sys::stat::{mknod, utimensat, Mode, SFlag, UtimensatFlags};
+use nix::mount::{MntFlags, MsFlags};
+use nix::sys::stat::{utimensat, UtimensatFlags};
 use nix::sys::statvfs::FsFlags;
 use nix::sys::time::TimeSpec;
-use nix::unistd::{chdir, pivot_root};
 use strata_snapshotter::Mount;
 
 use crate::error::{Context, SetupError};
+use crate::syscall::Syscall;
 
 /// Symlinks followed while resolving one path inside the root before giving up (as Linux).
 const MAX_SYMLINKS: usize = 40;
@@ -32,20 +32,26 @@ enum Undo {
 /// The mounted root and what was done in it. Paths in `undo` are relative to the root, so the
 /// same record works before `pivot_root` (base = host mount point) and after (base = `/`).
 pub(crate) struct Root {
+    sys: Box<dyn Syscall>,
     base: PathBuf,
     undo: Vec<Undo>,
 }
 
 impl Root {
     /// Mounts `rootfs` on `base` (an existing empty directory).
-    pub(crate) fn mount(rootfs: &[Mount], base: &Path) -> Result<Root, SetupError> {
+    pub(crate) fn mount(
+        sys: Box<dyn Syscall>,
+        rootfs: &[Mount],
+        base: &Path,
+    ) -> Result<Root, SetupError> {
         if rootfs.is_empty() {
             return Err(SetupError::Message(
                 "mount rootfs: no root filesystem mounts given".into(),
             ));
         }
-        mount_all(rootfs, base)?;
+        mount_all(sys.as_ref(), rootfs, base)?;
         Ok(Root {
+            sys,
             base: base.to_path_buf(),
             undo: Vec::new(),
         })
@@ -158,13 +164,15 @@ impl Root {
         flags: MsFlags,
         data: Option<&str>,
     ) -> Result<(), SetupError> {
-        mount(source, target, fstype, flags, data).ctx(|| {
-            format!(
-                "mount {} on {}",
-                fstype.map_or_else(|| "bind".to_string(), str::to_string),
-                target.display()
-            )
-        })?;
+        self.sys
+            .mount(source, target, fstype, flags, data)
+            .ctx(|| {
+                format!(
+                    "mount {} on {}",
+                    fstype.map_or_else(|| "bind".to_string(), str::to_string),
+                    target.display()
+                )
+            })?;
         self.mounted(target);
         Ok(())
     }
@@ -194,7 +202,7 @@ impl Root {
             MsFlags::MS_NOSUID | MsFlags::MS_STRICTATIME,
             Some("mode=755,size=65536k"),
         )?;
-        populate_dev(&dev)?;
+        populate_dev(self.sys.as_ref(), &dev)?;
         let pts = dev.join("pts");
         self.mount_at(
             Some(Path::new("devpts")),
@@ -239,7 +247,7 @@ impl Root {
                 MsFlags::MS_BIND | MsFlags::MS_REC,
                 None,
             )?;
-            remount_ro(&sys)?;
+            remount_ro(self.sys.as_ref(), &sys)?;
         }
 
         self.protect_kernel_files(&proc_dir, &sys)?;
@@ -247,7 +255,7 @@ impl Root {
         for (target, source) in [("/etc/hosts", hosts), ("/etc/resolv.conf", resolv_conf)] {
             let t = self.ensure(target, false)?;
             self.mount_at(Some(source), &t, None, MsFlags::MS_BIND, None)?;
-            remount_ro(&t)?;
+            remount_ro(self.sys.as_ref(), &t)?;
         }
         Ok(())
     }
@@ -261,7 +269,7 @@ impl Root {
                 continue;
             }
             self.mount_at(Some(&p), &p, None, MsFlags::MS_BIND | MsFlags::MS_REC, None)?;
-            remount_ro(&p)?;
+            remount_ro(self.sys.as_ref(), &p)?;
         }
         let masked = MASKED_PROC
             .iter()
@@ -309,14 +317,14 @@ impl Root {
             None,
         )?;
         if readonly {
-            remount_ro(&t)?;
+            remount_ro(self.sys.as_ref(), &t)?;
         }
         Ok(())
     }
 
     pub(crate) fn mount_data(&mut self, mounts: &[Mount], target: &str) -> Result<(), SetupError> {
         let t = self.ensure(target, true)?;
-        mount_all(mounts, &t)?;
+        mount_all(self.sys.as_ref(), mounts, &t)?;
         for _ in mounts {
             self.mounted(&t);
         }
@@ -338,10 +346,9 @@ impl Root {
     /// Makes the root `/` (youki's `pivot_root(".", ".")`: no directory is needed in the root
     /// for the old one, which is stacked on top and detached at once).
     pub(crate) fn pivot(&mut self) -> Result<(), SetupError> {
-        chdir(&self.base).ctx(|| format!("chdir to {}", self.base.display()))?;
-        pivot_root(".", ".").ctx(|| "pivot_root".into())?;
-        umount2(".", MntFlags::MNT_DETACH).ctx(|| "detach old root".into())?;
-        chdir("/").ctx(|| "chdir to /".into())?;
+        self.sys
+            .pivot_root(&self.base)
+            .ctx(|| format!("pivot_root to {}", self.base.display()))?;
         self.base = PathBuf::from("/");
         Ok(())
     }
@@ -353,7 +360,7 @@ impl Root {
         while let Some(u) = self.undo.pop() {
             match u {
                 Undo::Unmount(rel) => {
-                    let _ = umount2(&self.host(&rel), MntFlags::MNT_DETACH);
+                    let _ = self.sys.umount(&self.host(&rel), MntFlags::MNT_DETACH);
                 }
                 Undo::Remove {
                     path,
@@ -410,11 +417,11 @@ fn components(path: &Path) -> impl Iterator<Item = OsString> + '_ {
     })
 }
 
-fn remount_ro(target: &Path) -> Result<(), SetupError> {
+fn remount_ro(sys: &dyn Syscall, target: &Path) -> Result<(), SetupError> {
     // A bind remount sets the per-mount flags exactly, so keep nosuid etc.
-    let current = nix::sys::statvfs::statvfs(target)
-        .ctx(|| format!("statvfs {}", target.display()))?
-        .flags();
+    let current = sys
+        .mount_flags(target)
+        .ctx(|| format!("statvfs {}", target.display()))?;
     let mut flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY;
     for (st, ms) in [
         (FsFlags::ST_NOSUID, MsFlags::MS_NOSUID),
@@ -428,11 +435,11 @@ fn remount_ro(target: &Path) -> Result<(), SetupError> {
             flags |= ms;
         }
     }
-    mount(None::<&Path>, target, None::<&str>, flags, None::<&str>)
+    sys.mount(None, target, None, flags, None)
         .ctx(|| format!("remount {} read-only", target.display()))
 }
 
-fn populate_dev(dev: &Path) -> Result<(), SetupError> {
+fn populate_dev(sys: &dyn Syscall, dev: &Path) -> Result<(), SetupError> {
     let nodes: [(&str, u64, u64); 6] = [
         ("null", 1, 3),
         ("zero", 1, 5),
@@ -443,21 +450,8 @@ fn populate_dev(dev: &Path) -> Result<(), SetupError> {
     ];
     for (name, major, minor) in nodes {
         let p = dev.join(name);
-        mknod(
-            &p,
-            SFlag::S_IFCHR,
-            Mode::from_bits_truncate(0o666),
-            nix::sys::stat::makedev(major, minor),
-        )
-        .ctx(|| format!("create device {}", p.display()))?;
-        // mknod's mode is filtered by the umask.
-        nix::sys::stat::fchmodat(
-            None,
-            &p,
-            Mode::from_bits_truncate(0o666),
-            nix::sys::stat::FchmodatFlags::FollowSymlink,
-        )
-        .ctx(|| format!("chmod device {}", p.display()))?;
+        sys.mknod_char(&p, 0o666, major, minor)
+            .ctx(|| format!("create device {}", p.display()))?;
     }
     for (name, target) in [
         ("fd", "/proc/self/fd"),
@@ -497,7 +491,11 @@ fn flag_option(o: &str) -> Option<MsFlags> {
 
 /// Mounts `mounts` in order on `target` (an absolute path). A `chdir=<dir>` option makes the
 /// init chdir there first, so relative overlay `lowerdir`s stay under the page-size limit.
-pub(crate) fn mount_all(mounts: &[Mount], target: &Path) -> Result<(), SetupError> {
+pub(crate) fn mount_all(
+    sys: &dyn Syscall,
+    mounts: &[Mount],
+    target: &Path,
+) -> Result<(), SetupError> {
     for m in mounts {
         let mut flags = MsFlags::empty();
         let mut data = Vec::new();
@@ -519,7 +517,7 @@ pub(crate) fn mount_all(mounts: &[Mount], target: &Path) -> Result<(), SetupErro
             }
         }
         if let Some(d) = dir {
-            chdir(d).ctx(|| format!("chdir to {d}"))?;
+            sys.chdir(Path::new(d)).ctx(|| format!("chdir to {d}"))?;
         }
         if bind {
             let rec = if recursive {
@@ -527,28 +525,28 @@ pub(crate) fn mount_all(mounts: &[Mount], target: &Path) -> Result<(), SetupErro
             } else {
                 MsFlags::empty()
             };
-            mount(
-                Some(m.source.as_str()),
+            sys.mount(
+                Some(Path::new(&m.source)),
                 target,
-                None::<&str>,
+                None,
                 MsFlags::MS_BIND | rec,
-                None::<&str>,
+                None,
             )
             .ctx(|| format!("bind mount {} on {}", m.source, target.display()))?;
             if !flags.is_empty() {
-                mount(
-                    None::<&str>,
+                sys.mount(
+                    None,
                     target,
-                    None::<&str>,
+                    None,
                     MsFlags::MS_BIND | MsFlags::MS_REMOUNT | flags,
-                    None::<&str>,
+                    None,
                 )
                 .ctx(|| format!("remount {}", target.display()))?;
             }
         } else {
             let data = data.join(",");
-            mount(
-                Some(m.source.as_str()),
+            sys.mount(
+                Some(Path::new(&m.source)),
                 target,
                 Some(m.kind.as_str()),
                 flags,
@@ -563,9 +561,11 @@ pub(crate) fn mount_all(mounts: &[Mount], target: &Path) -> Result<(), SetupErro
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::syscall::recorder::{Call, Recorder};
 
     fn root(base: &Path) -> Root {
         Root {
+            sys: Box::new(Recorder::default()),
             base: base.to_path_buf(),
             undo: Vec::new(),
         }
@@ -616,6 +616,170 @@ mod tests {
         assert_eq!(
             fs::metadata(b.join("etc")).unwrap().modified().unwrap(),
             before
+        );
+    }
+
+    fn mounts_of(calls: &[Call]) -> Vec<(PathBuf, Option<String>, MsFlags, Option<String>)> {
+        calls
+            .iter()
+            .filter_map(|c| match c {
+                Call::Mount {
+                    target,
+                    fstype,
+                    flags,
+                    data,
+                    ..
+                } => Some((target.clone(), fstype.clone(), *flags, data.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn overlay_options_split_into_flags_data_and_chdir() {
+        let rec = Recorder::default();
+        let m = Mount {
+            kind: "overlay".into(),
+            source: "overlay".into(),
+            options: vec![
+                "lowerdir=snapshots/2/fs:snapshots/1/fs".into(),
+                "ro".into(),
+                "chdir=/var/lib/strata".into(),
+                "index=off".into(),
+            ],
+        };
+        mount_all(&rec, &[m], Path::new("/t")).unwrap();
+        assert_eq!(
+            rec.calls(),
+            vec![
+                Call::Chdir(PathBuf::from("/var/lib/strata")),
+                Call::Mount {
+                    source: Some(PathBuf::from("overlay")),
+                    target: PathBuf::from("/t"),
+                    fstype: Some("overlay".into()),
+                    flags: MsFlags::MS_RDONLY,
+                    data: Some("lowerdir=snapshots/2/fs:snapshots/1/fs,index=off".into()),
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn readonly_rbind_is_bind_then_remount() {
+        let rec = Recorder::default();
+        let m = Mount {
+            kind: "bind".into(),
+            source: "/snap/fs".into(),
+            options: vec!["rbind".into(), "ro".into()],
+        };
+        mount_all(&rec, &[m], Path::new("/t")).unwrap();
+        let mounts = mounts_of(&rec.calls());
+        assert_eq!(
+            mounts,
+            vec![
+                (
+                    PathBuf::from("/t"),
+                    None,
+                    MsFlags::MS_BIND | MsFlags::MS_REC,
+                    None
+                ),
+                (
+                    PathBuf::from("/t"),
+                    None,
+                    MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
+                    None
+                ),
+            ]
+        );
+    }
+
+    #[test]
+    fn specials_are_mounted_and_undone_in_reverse() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = dir.path();
+        fs::create_dir_all(b.join("etc")).unwrap();
+        fs::create_dir_all(b.join("proc")).unwrap();
+        let rec = Recorder::default();
+        let mut r = Root {
+            sys: Box::new(rec.clone()),
+            base: b.to_path_buf(),
+            undo: Vec::new(),
+        };
+        r.mount_specials(Path::new("/h/hosts"), Path::new("/h/resolv"))
+            .unwrap();
+        let calls = rec.calls();
+        let mounts = mounts_of(&calls);
+        let fstypes: Vec<(String, Option<String>)> = mounts
+            .iter()
+            .map(|(t, f, _, _)| (t.strip_prefix(b).unwrap().display().to_string(), f.clone()))
+            .collect();
+        let s = |t: &str, f: Option<&str>| (t.to_string(), f.map(str::to_string));
+        assert_eq!(
+            fstypes,
+            vec![
+                s("proc", Some("proc")),
+                s("dev", Some("tmpfs")),
+                s("dev/pts", Some("devpts")),
+                s("dev/shm", Some("tmpfs")),
+                s("dev/mqueue", Some("mqueue")),
+                s("sys", Some("sysfs")),
+                s("etc/hosts", None),
+                s("etc/hosts", None),
+                s("etc/resolv.conf", None),
+                s("etc/resolv.conf", None),
+            ]
+        );
+        // The read-only remount keeps the mount's other flags.
+        assert_eq!(
+            mounts[7].2,
+            MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | MsFlags::MS_NOSUID
+        );
+        assert_eq!(mounts[5].2 & MsFlags::MS_RDONLY, MsFlags::MS_RDONLY);
+        assert!(calls.contains(&Call::Mknod(b.join("dev/null"), 0o666, 1, 3)));
+        assert!(b.join("dev").is_dir() && b.join("sys").is_dir() && b.join("etc/hosts").is_file());
+
+        r.cleanup();
+        let umounts: Vec<PathBuf> = rec
+            .calls()
+            .into_iter()
+            .filter_map(|c| match c {
+                Call::Umount(p) => Some(p.strip_prefix(b).unwrap().to_path_buf()),
+                _ => None,
+            })
+            .collect();
+        // Read-only remounts are not separate mounts.
+        let mut expected: Vec<PathBuf> = fstypes
+            .iter()
+            .rev()
+            .map(|(t, _)| PathBuf::from(t))
+            .collect();
+        expected.dedup();
+        assert_eq!(umounts, expected);
+        // Created mount points are gone; /proc existed and stays. (/dev keeps what would
+        // have been written into its tmpfs, which the recorder does not mount.)
+        assert!(b.join("proc").is_dir());
+        for p in ["sys", "etc/hosts", "etc/resolv.conf"] {
+            assert!(!b.join(p).exists(), "{p}");
+        }
+    }
+
+    #[test]
+    fn pivot_switches_base_for_cleanup() {
+        let dir = tempfile::tempdir().unwrap();
+        let rec = Recorder::default();
+        let mut r = Root {
+            sys: Box::new(rec.clone()),
+            base: dir.path().to_path_buf(),
+            undo: vec![Undo::Unmount(PathBuf::from("proc"))],
+        };
+        r.pivot().unwrap();
+        r.cleanup();
+        assert_eq!(
+            rec.calls(),
+            vec![
+                Call::Pivot(dir.path().to_path_buf()),
+                Call::Umount(PathBuf::from("/proc")),
+            ]
         );
     }
 }
