@@ -55,9 +55,7 @@ impl Writer {
     /// Fsyncs, checks `expected` (when given) against the running digest, and renames the
     /// blob into place. A blob already present is not an error: its digest is returned.
     pub fn commit(mut self, expected: Option<&Digest>) -> Result<(Digest, u64)> {
-        self.file
-            .flush()
-            .map_err(|e| Error::io("flush blob", e))?;
+        self.file.flush().map_err(|e| Error::io("flush blob", e))?;
         self.file
             .as_file()
             .sync_all()
@@ -118,8 +116,7 @@ impl ContentStore {
     /// Writes `bytes` as a blob and returns its digest.
     pub fn put(&self, bytes: &[u8], expected: Option<&Digest>) -> Result<(Digest, u64)> {
         let mut w = self.writer()?;
-        w.write_all(bytes)
-            .map_err(|e| Error::io("write blob", e))?;
+        w.write_all(bytes).map_err(|e| Error::io("write blob", e))?;
         w.commit(expected)
     }
 

@@ -124,8 +124,7 @@ fn open_in_root(root: &OwnedFd, path: &[u8]) -> io::Result<OwnedFd> {
         }
         let err = last_err();
         // EAGAIN: a concurrent rename raced the resolution; the kernel asks us to retry.
-        if err.raw_os_error() != Some(libc::EAGAIN) && err.kind() != io::ErrorKind::Interrupted
-        {
+        if err.raw_os_error() != Some(libc::EAGAIN) && err.kind() != io::ErrorKind::Interrupted {
             return Err(err);
         }
     }
@@ -480,17 +479,12 @@ fn apply_entry<R: Read>(
     ext: Pending,
     dir_times: &mut Vec<(Vec<u8>, (i64, i64))>,
 ) -> Result<()> {
-    let path = ext
-        .path
-        .unwrap_or_else(|| entry.path_bytes().into_owned());
+    let path = ext.path.unwrap_or_else(|| entry.path_bytes().into_owned());
     let link_name = ext
         .linkpath
         .or_else(|| entry.link_name_bytes().map(|l| l.into_owned()));
     let io_err = |action: &str, e: io::Error| {
-        Error::io(
-            format!("{action} {}", String::from_utf8_lossy(&path)),
-            e,
-        )
+        Error::io(format!("{action} {}", String::from_utf8_lossy(&path)), e)
     };
     let kind = entry.header().entry_type();
     let comps = components(&path).ok_or_else(|| unsafe_entry(&path, "path contains \"..\""))?;
@@ -514,10 +508,8 @@ fn apply_entry<R: Read>(
         remove_at(&parent, hidden).map_err(|e| io_err("replace", e))?;
         let c = cstr(hidden).map_err(|e| io_err("whiteout", e))?;
         // SAFETY: valid fd and name; a 0:0 char device is overlayfs' whiteout.
-        check(unsafe {
-            libc::mknodat(parent.as_raw_fd(), c.as_ptr(), libc::S_IFCHR, 0)
-        })
-        .map_err(|e| io_err("create whiteout for", e))?;
+        check(unsafe { libc::mknodat(parent.as_raw_fd(), c.as_ptr(), libc::S_IFCHR, 0) })
+            .map_err(|e| io_err("create whiteout for", e))?;
         // Owner and time as recorded, so the layer written back is byte-identical.
         let wmeta = Meta {
             mode: 0,
@@ -553,7 +545,11 @@ fn apply_entry<R: Read>(
                 libc::openat(
                     pfd,
                     cname.as_ptr(),
-                    libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+                    libc::O_CREAT
+                        | libc::O_EXCL
+                        | libc::O_WRONLY
+                        | libc::O_NOFOLLOW
+                        | libc::O_CLOEXEC,
                     0o600,
                 )
             };
@@ -586,10 +582,8 @@ fn apply_entry<R: Read>(
                 .map_err(|e| io_err("resolve hardlink target of", e))?;
             let tc = cstr(tname).map_err(|e| io_err("create hardlink", e))?;
             // SAFETY: valid fds and names; flags 0 links a final symlink itself.
-            check(unsafe {
-                libc::linkat(tdir.as_raw_fd(), tc.as_ptr(), pfd, cname.as_ptr(), 0)
-            })
-            .map_err(|e| io_err("create hardlink", e))?;
+            check(unsafe { libc::linkat(tdir.as_raw_fd(), tc.as_ptr(), pfd, cname.as_ptr(), 0) })
+                .map_err(|e| io_err("create hardlink", e))?;
             // The inode's metadata came with its first entry.
             return Ok(());
         }
@@ -743,8 +737,8 @@ impl<W: Write> TarOut<W> {
         h.set_cksum();
         self.raw(h.as_bytes())?;
         if let Some((src, size)) = data {
-            let f = fs::File::open(src)
-                .map_err(|e| Error::io(format!("open {}", src.display()), e))?;
+            let f =
+                fs::File::open(src).map_err(|e| Error::io(format!("open {}", src.display()), e))?;
             let copied = io::copy(&mut f.take(size), &mut self.out)
                 .map_err(|e| Error::io(format!("copy {}", src.display()), e))?;
             if copied != size {
@@ -821,7 +815,15 @@ fn write_dir<W: Write>(out: &mut TarOut<W>, dir: &Path, rel: &[u8]) -> Result<()
             let xattrs = layer_xattrs(&full)?;
             let mut dpath = path.clone();
             dpath.push(b'/');
-            out.entry(&dpath, tar::EntryType::Directory, &meta, mode, None, &xattrs, None)?;
+            out.entry(
+                &dpath,
+                tar::EntryType::Directory,
+                &meta,
+                mode,
+                None,
+                &xattrs,
+                None,
+            )?;
             if is_opaque(&full)? {
                 let mut marker = path.clone();
                 marker.push(b'/');
@@ -846,7 +848,15 @@ fn write_dir<W: Write>(out: &mut TarOut<W>, dir: &Path, rel: &[u8]) -> Result<()
             if meta.nlink() > 1 {
                 let key = (meta.dev(), meta.ino());
                 if let Some(first) = out.links.get(&key).cloned() {
-                    out.entry(&path, tar::EntryType::Link, &meta, mode, Some(&first), &[], None)?;
+                    out.entry(
+                        &path,
+                        tar::EntryType::Link,
+                        &meta,
+                        mode,
+                        Some(&first),
+                        &[],
+                        None,
+                    )?;
                     continue;
                 }
                 out.links.insert(key, path.clone());
@@ -891,8 +901,6 @@ pub fn write_layer(upper: &Path, out: impl Write, opts: &DiffOptions) -> Result<
     };
     write_dir(&mut t, upper, b"")?;
     t.raw(&[0u8; 1024])?;
-    t.out
-        .flush()
-        .map_err(|e| Error::io("flush layer tar", e))?;
+    t.out.flush().map_err(|e| Error::io("flush layer tar", e))?;
     Ok(digest_of(t.out.hasher))
 }

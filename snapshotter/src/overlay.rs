@@ -27,7 +27,6 @@ const NEXT_ID: &str = "next_id";
 /// mount(2) takes its options in one page (including the final NUL).
 const MAX_MOUNT_DATA: usize = 4095;
 
-
 #[derive(Clone, Debug, Serialize, Deserialize)]
 struct Record {
     id: u64,
@@ -278,15 +277,18 @@ impl OverlaySnapshotter {
     fn build_mounts(&self, rec: &Record, parents: &[u64]) -> Vec<Mount> {
         let bind = |id: u64, ro: bool| Mount {
             kind: "bind".into(),
-            source: self.snapshot_dir(id).join("fs").to_string_lossy().into_owned(),
-            options: vec![
-                "rbind".into(),
-                if ro { "ro".into() } else { "rw".into() },
-            ],
+            source: self
+                .snapshot_dir(id)
+                .join("fs")
+                .to_string_lossy()
+                .into_owned(),
+            options: vec!["rbind".into(), if ro { "ro".into() } else { "rw".into() }],
         };
         // A committed snapshot is read like a view of itself.
         let lowers: Vec<u64> = if rec.kind == Kind::Committed {
-            std::iter::once(rec.id).chain(parents.iter().copied()).collect()
+            std::iter::once(rec.id)
+                .chain(parents.iter().copied())
+                .collect()
         } else {
             parents.to_vec()
         };
@@ -421,12 +423,8 @@ impl Snapshotter for OverlaySnapshotter {
 
     fn walk(&self, f: &mut dyn FnMut(&Info)) -> Result<()> {
         // Collected first so `f` may call back into the snapshotter without deadlocking.
-        let infos: Vec<Info> = self.write(|tx| {
-            Ok(all_records(tx)?
-                .iter()
-                .map(|(k, r)| r.info(k))
-                .collect())
-        })?;
+        let infos: Vec<Info> =
+            self.write(|tx| Ok(all_records(tx)?.iter().map(|(k, r)| r.info(k)).collect()))?;
         for info in &infos {
             f(info);
         }

@@ -27,10 +27,7 @@ fn put_read_walk_delete() {
     assert!(s.exists(&d));
     assert_eq!(s.read(&d).unwrap(), b"hello");
     assert_eq!(s.size(&d).unwrap(), 5);
-    assert_eq!(
-        s.path(&d),
-        dir.path().join("blobs/sha256").join(d.hex())
-    );
+    assert_eq!(s.path(&d), dir.path().join("blobs/sha256").join(d.hex()));
     let (d2, _) = s.put(b"world", Some(&Digest::of(b"world"))).unwrap();
     let mut seen = Vec::new();
     s.walk(&mut |d, n| seen.push((d.clone(), n))).unwrap();

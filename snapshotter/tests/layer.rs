@@ -13,8 +13,8 @@ use strata_snapshotter::layer::{apply_layer, write_layer, DiffOptions};
 use strata_snapshotter::Error;
 
 const CAP: &[u8] = &[
-    0x01, 0x00, 0x00, 0x02, 0x00, 0x04, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
-    0x00, 0x00, 0x00, 0x00, 0x00,
+    0x01, 0x00, 0x00, 0x02, 0x00, 0x04, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
+    0x00, 0x00, 0x00, 0x00,
 ];
 
 /// An upper dir with one of everything a layer can carry.
@@ -71,7 +71,10 @@ fn write_then_apply_round_trips_everything() {
     let names = tar_names(&tar);
     assert!(names.contains(&".wh.deleted".to_string()), "{names:?}");
     assert!(names.contains(&"opaque/.wh..wh..opq".to_string()));
-    let opq = names.iter().position(|n| n == "opaque/.wh..wh..opq").unwrap();
+    let opq = names
+        .iter()
+        .position(|n| n == "opaque/.wh..wh..opq")
+        .unwrap();
     assert_eq!(names[opq - 1], "opaque/");
     assert!(!names.iter().any(|n| n == "sock"));
     let mut sorted = names.clone();
@@ -84,7 +87,7 @@ fn write_then_apply_round_trips_everything() {
         let e = e.unwrap();
         let p = String::from_utf8_lossy(&e.path_bytes()).into_owned();
         let h = e.header();
-        assert!(h.username_bytes().map_or(true, <[u8]>::is_empty));
+        assert!(h.username_bytes().is_none_or(<[u8]>::is_empty));
         if p == "hard1" {
             assert_eq!(h.entry_type(), tar::EntryType::Link);
             assert_eq!(&*e.link_name_bytes().unwrap(), b"etc/hard2");
@@ -154,7 +157,10 @@ fn same_tree_gives_same_bytes_and_epoch_clamps() {
             old += 1;
         }
     }
-    assert_eq!(old, 6, "older mtimes are kept as they are (5 files, one a hardlink pair)");
+    assert_eq!(
+        old, 6,
+        "older mtimes are kept as they are (5 files, one a hardlink pair)"
+    );
 }
 
 #[test]
@@ -170,7 +176,11 @@ fn compressed_layers_are_detected() {
         let dst = tempfile::tempdir().unwrap();
         let applied = apply_layer(bytes.as_slice(), dst.path()).unwrap();
         assert_eq!(applied.diff_id, diff_id, "{name}");
-        assert_eq!(fs::read(dst.path().join("f")).unwrap().len(), 10_000, "{name}");
+        assert_eq!(
+            fs::read(dst.path().join("f")).unwrap().len(),
+            10_000,
+            "{name}"
+        );
     }
     let dst = tempfile::tempdir().unwrap();
     assert!(apply_layer(&b"garbage that is no tar at all"[..], dst.path()).is_err());
@@ -240,7 +250,10 @@ impl Hostile {
 #[test]
 fn dotdot_is_refused() {
     let h = Hostile::new();
-    let r = apply_layer(raw_tar(&[Raw::File(b"../x", b"evil")]).as_slice(), &h.dest());
+    let r = apply_layer(
+        raw_tar(&[Raw::File(b"../x", b"evil")]).as_slice(),
+        &h.dest(),
+    );
     assert!(matches!(r, Err(Error::UnsafeEntry { .. })), "{r:?}");
     let r = apply_layer(
         raw_tar(&[Raw::File(b"ok/../../../x", b"evil")]).as_slice(),
@@ -285,7 +298,9 @@ fn symlinks_cannot_lead_outside() {
     assert_eq!(fs::read(h.dest().join(rel_marker)).unwrap(), b"evil1");
     assert_eq!(fs::read(h.dest().join("marker")).unwrap(), b"evil2");
     assert_eq!(fs::read(h.dest().join("over")).unwrap(), b"evil3");
-    assert!(fs::symlink_metadata(h.dest().join("over")).unwrap().is_file());
+    assert!(fs::symlink_metadata(h.dest().join("over"))
+        .unwrap()
+        .is_file());
 }
 
 #[test]

@@ -41,9 +41,7 @@ impl Env {
         let g = MountGuard::mount(&m, &target).expect("mount");
         f(&target);
         g.unmount().expect("unmount");
-        self.sn
-            .commit(name, &key, BTreeMap::new())
-            .expect("commit");
+        self.sn.commit(name, &key, BTreeMap::new()).expect("commit");
     }
 }
 
@@ -150,8 +148,14 @@ fn remove_rules(make: Make) {
 fn errors(make: Make) {
     let e = Env::new(make);
     e.sn.prepare("a", "").unwrap();
-    assert!(matches!(e.sn.prepare("a", ""), Err(Error::AlreadyExists(_))));
-    assert!(matches!(e.sn.prepare("b", "missing"), Err(Error::NotFound(_))));
+    assert!(matches!(
+        e.sn.prepare("a", ""),
+        Err(Error::AlreadyExists(_))
+    ));
+    assert!(matches!(
+        e.sn.prepare("b", "missing"),
+        Err(Error::NotFound(_))
+    ));
     // An active snapshot is no parent.
     assert!(matches!(
         e.sn.prepare("b", "a"),
@@ -172,7 +176,10 @@ fn errors(make: Make) {
         e.sn.commit("X", "nope", BTreeMap::new()),
         Err(Error::NotFound(_))
     ));
-    assert!(matches!(e.sn.prepare("", ""), Err(Error::InvalidArgument(_))));
+    assert!(matches!(
+        e.sn.prepare("", ""),
+        Err(Error::InvalidArgument(_))
+    ));
     // Nothing half-made is left behind by failed prepares.
     let snaps = e.dir.path().join("root/snapshots");
     if snaps.exists() {
@@ -228,11 +235,13 @@ fn labels_check(make: Make) {
     e.sn.prepare("a", "").unwrap();
     e.sn.commit("A", "a", labels(&[("x", "1"), ("y", "2")]))
         .unwrap();
-    assert_eq!(e.sn.stat("A").unwrap().labels, labels(&[("x", "1"), ("y", "2")]));
-    let info = e
-        .sn
-        .update_labels("A", labels(&[("x", ""), ("z", "3")]))
-        .unwrap();
+    assert_eq!(
+        e.sn.stat("A").unwrap().labels,
+        labels(&[("x", "1"), ("y", "2")])
+    );
+    let info =
+        e.sn.update_labels("A", labels(&[("x", ""), ("z", "3")]))
+            .unwrap();
     assert_eq!(info.labels, labels(&[("y", "2"), ("z", "3")]));
     assert_eq!(e.sn.stat("A").unwrap().labels, info.labels);
     assert!(matches!(

@@ -112,14 +112,28 @@ pub fn tar_names(bytes: &[u8]) -> Vec<String> {
 pub fn mknod(path: &Path, kind: libc::mode_t, major: u32, minor: u32) {
     let c = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
     let rc = unsafe { libc::mknod(c.as_ptr(), kind | 0o644, libc::makedev(major, minor)) };
-    assert_eq!(rc, 0, "mknod {}: {}", path.display(), std::io::Error::last_os_error());
+    assert_eq!(
+        rc,
+        0,
+        "mknod {}: {}",
+        path.display(),
+        std::io::Error::last_os_error()
+    );
 }
 
 pub fn set_mtime(path: &Path, secs: i64) {
     let c = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
-    let ts = libc::timespec { tv_sec: secs, tv_nsec: 0 };
+    let ts = libc::timespec {
+        tv_sec: secs,
+        tv_nsec: 0,
+    };
     let rc = unsafe {
-        libc::utimensat(libc::AT_FDCWD, c.as_ptr(), [ts, ts].as_ptr(), libc::AT_SYMLINK_NOFOLLOW)
+        libc::utimensat(
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            [ts, ts].as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
     };
     assert_eq!(rc, 0);
 }
