@@ -1167,7 +1167,7 @@ fn json_string(b: &[u8], i: usize) -> Option<(String, usize)> {
 
 /// Reads a heredoc word (`<<EOF`, `3<<-'END'`) as BuildKit's `ParseHeredoc` does:
 /// `Ok(None)` when `src` is not a heredoc word.
-pub fn parse_heredoc(src: &str) -> Result<Option<Heredoc>, String> {
+fn parse_heredoc(src: &str) -> Result<Option<Heredoc>, String> {
     let Some((fd, chomp, rest)) = match_heredoc(src) else {
         return Ok(None);
     };
