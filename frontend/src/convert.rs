@@ -790,9 +790,12 @@ impl<'a> Converter<'a> {
         match &cmd.instruction {
             Instruction::Env(pairs) => {
                 let mut msg = String::from("ENV");
-                for kv in pairs {
-                    let key = self.expand(state, &kv.key, loc)?;
-                    let value = self.expand(state, &kv.value, loc)?;
+                // Every word of the line sees the environment from before the line.
+                let expanded = pairs
+                    .iter()
+                    .map(|kv| Ok((self.expand(state, &kv.key, loc)?, self.expand(state, &kv.value, loc)?)))
+                    .collect::<Result<Vec<_>, ConvertError>>()?;
+                for (key, value) in expanded {
                     msg.push_str(&format!(" {key}={value}"));
                     set_pair(&mut state.env, &key, value.clone());
                     add_env(&mut state.image.config.env, &key, &value);
@@ -802,9 +805,11 @@ impl<'a> Converter<'a> {
             Instruction::Arg(decls) => self.dispatch_arg(state, decls, loc)?,
             Instruction::Label(pairs) => {
                 let mut msg = String::from("LABEL");
-                for kv in pairs {
-                    let key = self.expand(state, &kv.key, loc)?;
-                    let value = self.expand(state, &kv.value, loc)?;
+                let expanded = pairs
+                    .iter()
+                    .map(|kv| Ok((self.expand(state, &kv.key, loc)?, self.expand(state, &kv.value, loc)?)))
+                    .collect::<Result<Vec<_>, ConvertError>>()?;
+                for (key, value) in expanded {
                     msg.push_str(&format!(" {key}={value}"));
                     state.image.config.labels.insert(key, value);
                 }
