@@ -489,7 +489,9 @@ fn compile(pattern: &str) -> (MatchType, String) {
                 re.push_str("[^/]");
                 kind = MatchType::Regexp;
             }
-            '.' | '+' | '(' | ')' | '|' | '{' | '}' | '$' => {
+            // Go's table meant to escape `.+()|{}$` loses `|{}` (their bits overflow a
+            // byte), so those stay regexp syntax, as upstream.
+            '.' | '+' | '(' | ')' | '$' => {
                 re.push('\\');
                 re.push(ch);
             }
@@ -522,12 +524,23 @@ enum ClassItem {
     Raw(String),
 }
 
+/// What the previous token of a Go regexp was, for Go's repetition rules.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Prev {
+    /// Start of the expression, `(` or `|`: a repetition has no argument.
+    Pseudo,
+    Atom,
+    /// Go rejects a repetition of a repetition (`a**`); Rust would accept it.
+    Repeat,
+}
+
 /// Translates Go (RE2, Perl flags) regexp text into an equivalent `regex` crate pattern.
 /// Literal characters are written as `\x{..}` escapes, so the differences between the two
 /// dialects (nested classes, class set operators, escapes) cannot leak through.
 fn go_regex_to_rust(src: &str) -> Result<String, String> {
     let chars: Vec<char> = src.chars().collect();
     let mut out = String::new();
+    let mut prev = Prev::Pseudo;
     let mut i = 0;
     while i < chars.len() {
         let c = chars[i];
@@ -555,6 +568,11 @@ fn go_regex_to_rust(src: &str) -> Result<String, String> {
                         if rest[lit.len()..].starts_with("\\E") {
                             i += 2;
                         }
+                        if lit.is_empty() {
+                            // Nothing was added, so a following repetition still
+                            // applies to what came before.
+                            continue;
+                        }
                         for ch in lit.chars() {
                             push_literal(&mut out, ch);
                         }
@@ -574,29 +592,131 @@ fn go_regex_to_rust(src: &str) -> Result<String, String> {
                         push_literal(&mut out, ch);
                     }
                 }
+                prev = Prev::Atom;
             }
             '[' => {
                 let (text, n) = go_class(&chars[i..])?;
                 i += n;
                 out.push_str(&text);
+                prev = Prev::Atom;
             }
-            '{' => {
-                // A `{` that does not start a valid repeat is a literal in Go.
-                let rest: String = chars[i..].iter().collect();
-                match repeat_len(&rest) {
-                    Some(n) => {
-                        out.push('{');
-                        out.push_str(&rest[..n]);
-                        i += rest[..n].chars().count();
+            '*' | '+' | '?' | '{' => {
+                let op = if c == '{' {
+                    // A `{` that does not start a valid repeat is a literal in Go.
+                    match go_repeat(&chars[i..])? {
+                        Some((text, n)) => {
+                            i += n;
+                            text
+                        }
+                        None => {
+                            push_literal(&mut out, '{');
+                            prev = Prev::Atom;
+                            continue;
+                        }
                     }
-                    None => push_literal(&mut out, '{'),
+                } else {
+                    c.to_string()
+                };
+                match prev {
+                    Prev::Pseudo => {
+                        return Err(format!("missing argument to repetition operator: `{op}`"))
+                    }
+                    Prev::Repeat => {
+                        return Err(format!("invalid nested repetition operator: `{op}`"))
+                    }
+                    Prev::Atom => {}
                 }
+                out.push_str(&op);
+                if chars.get(i) == Some(&'?') {
+                    // Non-greedy form.
+                    i += 1;
+                    out.push('?');
+                }
+                prev = Prev::Repeat;
             }
-            '.' | '^' | '$' | '*' | '+' | '?' | '(' | ')' | '|' => out.push(c),
-            _ => push_literal(&mut out, c),
+            '(' | '|' => {
+                out.push(c);
+                prev = Prev::Pseudo;
+            }
+            '.' | '^' | '$' | ')' => {
+                out.push(c);
+                prev = Prev::Atom;
+            }
+            _ => {
+                push_literal(&mut out, c);
+                prev = Prev::Atom;
+            }
         }
     }
     Ok(out)
+}
+
+/// Go's `parseRepeat` on the text after `{`: `Ok(None)` when it is no repeat (then the
+/// `{` is a literal), the Rust text and chars read otherwise.
+fn go_repeat(chars: &[char]) -> Result<Option<(String, usize)>, String> {
+    fn int(chars: &[char], i: &mut usize) -> Option<i64> {
+        let start = *i;
+        if !chars.get(start).is_some_and(char::is_ascii_digit) {
+            return None;
+        }
+        // Go disallows leading zeros.
+        if chars[start] == '0' && chars.get(start + 1).is_some_and(char::is_ascii_digit) {
+            return None;
+        }
+        let mut n: i64 = 0;
+        while let Some(d) = chars.get(*i).and_then(|c| c.to_digit(10)) {
+            if n >= 0 {
+                n = if n >= 100_000_000 {
+                    -1
+                } else {
+                    n * 10 + i64::from(d)
+                };
+            }
+            *i += 1;
+        }
+        Some(n)
+    }
+    let mut i = 0;
+    let Some(mut min) = int(chars, &mut i) else {
+        return Ok(None);
+    };
+    let max;
+    match chars.get(i) {
+        None => return Ok(None),
+        Some(',') => {
+            i += 1;
+            match chars.get(i) {
+                None => return Ok(None),
+                Some('}') => max = -1,
+                Some(_) => {
+                    let Some(m) = int(chars, &mut i) else {
+                        return Ok(None);
+                    };
+                    if m < 0 {
+                        min = -1;
+                    }
+                    max = m;
+                }
+            }
+        }
+        Some(_) => max = min,
+    }
+    if chars.get(i) != Some(&'}') {
+        return Ok(None);
+    }
+    i += 1;
+    let text: String = chars[..i].iter().collect();
+    if !(0..=1000).contains(&min) || max > 1000 || (max >= 0 && min > max) {
+        return Err(format!("invalid repeat count: `{{{text}`"));
+    }
+    let rust = if max < 0 {
+        format!("{{{min},}}")
+    } else if max == min && !text.contains(',') {
+        format!("{{{min}}}")
+    } else {
+        format!("{{{min},{max}}}")
+    };
+    Ok(Some((rust, i)))
 }
 
 fn push_literal(out: &mut String, ch: char) {
@@ -647,27 +767,6 @@ fn unicode_class(chars: &[char]) -> Result<(String, usize), String> {
         Some(&c) if c.is_ascii_alphabetic() => Ok((format!("\\{kind}{c}"), 2)),
         Some(_) => Err("invalid character class range".into()),
     }
-}
-
-/// Length of a Go repeat body after `{` (`n}`, `n,}`, `n,m}`), if valid.
-fn repeat_len(s: &str) -> Option<usize> {
-    let b = s.as_bytes();
-    let mut i = 0;
-    let digits = |i: &mut usize| {
-        let start = *i;
-        while *i < b.len() && b[*i].is_ascii_digit() {
-            *i += 1;
-        }
-        *i > start
-    };
-    if !digits(&mut i) {
-        return None;
-    }
-    if b.get(i) == Some(&b',') {
-        i += 1;
-        digits(&mut i);
-    }
-    (b.get(i) == Some(&b'}')).then_some(i + 1)
 }
 
 /// Go's `parseEscape` after the backslash: returns the character and chars read.
@@ -968,6 +1067,20 @@ mod tests {
         assert!(pm(&["a\\d"]).matches_or_parent_matches("a5"));
         assert!(!pm(&["a\\d"]).matches_or_parent_matches("ad"));
         assert!(pm(&["[[:digit:]]x"]).matches_or_parent_matches("1x"));
+    }
+
+    #[test]
+    fn pipe_and_braces_stay_regexp_syntax() {
+        // Upstream's escape table drops `|{}`: `x|y*` is the Go regexp `^x|y[^/]*$`.
+        let m = pm(&["x|y*"]);
+        assert!(m.matches_or_parent_matches("xanything"));
+        assert!(m.matches_or_parent_matches("prefix-y"));
+        assert!(!m.matches_or_parent_matches("zzz"));
+        assert!(pm(&["a{2}?"]).matches_or_parent_matches("aab"));
+        // Go rejects a repeated repetition, Rust would not.
+        assert!(PatternMatcher::new(&["*{2}?".to_string()]).is_err());
+        // An exact pattern keeps `|` literal.
+        assert!(pm(&["a|b"]).matches_or_parent_matches("a|b"));
     }
 
     #[test]

@@ -888,6 +888,34 @@ mod tests {
     }
 
     #[test]
+    fn shell_pattern_conversion_like_buildkit() {
+        for (pattern, want) in [
+            ("*", "^.*"),
+            ("?", "^."),
+            ("\\*", "^\\*"),
+            (
+                "(()[]{\\}^$.\\*\\?|\\\\",
+                "^\\(\\(\\)\\[\\]\\{\\}\\^\\$\\.\\*\\?\\|\\\\",
+            ),
+        ] {
+            let re = shell_pattern_regex(pattern, true, true).unwrap();
+            assert_eq!(re.as_str(), want, "{pattern}");
+        }
+        for bad in ["\\", "\\x", "\\\\\\"] {
+            assert!(shell_pattern_regex(bad, true, true).is_err(), "{bad}");
+        }
+        for (pattern, want) in [
+            ("a\\*c", "c\\*a"),
+            ("\\\\\\ab", "b\\a\\\\"),
+            ("ab\\", "\\ba"),
+            ("👽\\🚀🖖", "🖖\\🚀👽"),
+            ("\\\\b", "b\\\\"),
+        ] {
+            assert_eq!(reverse_pattern(pattern), want, "{pattern}");
+        }
+    }
+
+    #[test]
     fn go_quote_matches_strconv() {
         assert_eq!(
             go_quote("a\"b\\\n\u{1}\u{7f}한"),
