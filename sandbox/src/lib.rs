@@ -5,6 +5,14 @@
 //! the root filesystem, /proc, /dev, /etc/hosts, /etc/resolv.conf and the `RUN --mount`s,
 //! `pivot_root`s into it and execs the command. Nothing is forked from the multi-threaded
 //! builder itself.
+//!
+//! The request goes to the init as JSON over a socket on its fd 3, which then carries one
+//! JSON report back (exit code, signal, or a setup error's text). Every mount lives in a
+//! mount namespace of the sandbox's own, and the init dies with the builder (parent death
+//! signal), so no mount outlives a step even when the builder is killed. Mount points the
+//! sandbox had to create in the root are removed after the step, with the parent
+//! directory's times restored, so they never reach the layer (a parent directory overlayfs
+//! copied up stays in the upper dir, unchanged from below).
 
 mod caps;
 mod error;
