@@ -35,7 +35,7 @@ use strata_snapshotter::Mount;
 
 pub use process::DEFAULT_PATH;
 
-/// argv[1] that makes `strata` act as the sandbox init ([`init_main`]).
+/// `argv[1]` that makes `strata` act as the sandbox init ([`init_main`]).
 pub const INIT_ARG: &str = "__sandbox-init";
 
 pub use strata_dag::Network;
@@ -124,7 +124,7 @@ pub struct Sandbox {
 }
 
 impl Sandbox {
-    /// `init_exe` is a binary whose `main` calls [`init_main`] when argv[1] is [`INIT_ARG`]
+    /// `init_exe` is a binary whose `main` calls [`init_main`] when `argv[1]` is [`INIT_ARG`]
     /// (normally `/proc/self/exe` of `strata`).
     pub fn new(init_exe: PathBuf) -> Self {
         Sandbox { init_exe }
