@@ -47,7 +47,6 @@ pub fn checksum(
     let mut v = HashVisitor {
         hasher: blake3::Hasher::new(),
         cache,
-        root: root.path,
         is_context: root.is_context,
         links: HashMap::new(),
     };
@@ -63,7 +62,6 @@ pub fn checksum(
 struct HashVisitor<'a> {
     hasher: blake3::Hasher,
     cache: &'a StatCache,
-    root: &'a Path,
     is_context: bool,
     /// (dev, ino) -> relative name of the first copy, as the copier links later ones to it.
     links: HashMap<(u64, u64), Vec<u8>>,
@@ -127,7 +125,7 @@ impl Visitor for HashVisitor<'_> {
         self.put_u32(gid);
         if ft.is_file() {
             let root_rel = e.root_rel.as_os_str().as_bytes();
-            let digest = self.cache.file_digest(self.root, root_rel, e.abs, e.md)?;
+            let digest = self.cache.file_digest(root_rel, e.abs, e.md)?;
             self.hasher.update(&digest);
         } else if ft.is_symlink() {
             let target = fs::read_link(e.abs).map_err(io_err("read link", e.abs))?;
@@ -266,7 +264,6 @@ impl StatCache {
     /// The blake3 of the regular file at `abs`, from the cache when its stat is unchanged.
     pub(crate) fn file_digest(
         &self,
-        _root: &Path,
         rel: &[u8],
         abs: &Path,
         md: &fs::Metadata,

@@ -69,6 +69,8 @@ pub enum FileOpError {
     ArchiveEntryType { name: String, kind: u8 },
     #[error("failed to remove {path}: not found")]
     RmNotFound { path: String },
+    #[error("failed to remove /: refusing to remove the root")]
+    RmRoot,
 }
 
 pub(crate) fn io_err(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> FileOpError {
@@ -1322,12 +1324,7 @@ fn do_mkfile(
 fn do_rm(root: &Path, path: &str, allow_not_found: bool) -> Result<(), FileOpError> {
     let clean = clean_abs(path);
     if clean == "/" {
-        // Removing the root itself means emptying it.
-        for name in sorted_dir(root)? {
-            let p = root.join(name);
-            remove_any(&p)?;
-        }
-        return Ok(());
+        return Err(FileOpError::RmRoot);
     }
     let p = root.join(resolve_in_root(root, &clean, false)?);
     match fs::symlink_metadata(&p) {
