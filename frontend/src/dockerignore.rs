@@ -319,6 +319,21 @@ impl PatternMatcher {
         (matched, info)
     }
 
+    /// patternmatcher's deprecated `MatchesUsingParentResult`: starts from the parent's
+    /// overall result and checks `path` itself only (no parent dirs).
+    pub fn matches_using_parent_result(&self, path: &str, parent_matched: bool) -> bool {
+        let mut matched = parent_matched;
+        for pattern in &self.patterns {
+            if pattern.exclusion != matched {
+                continue;
+            }
+            if pattern.matches(path) {
+                matched = !pattern.exclusion;
+            }
+        }
+        matched
+    }
+
     /// Whether any pattern is a `!` exception.
     pub fn has_exclusions(&self) -> bool {
         self.exclusions
@@ -940,6 +955,13 @@ struct VisitedDir {
 /// followed. An excluded directory is entered only when [`PatternMatcher::may_match_below`]
 /// says so, and an entry re-included inside it brings its excluded parent dirs along.
 pub fn walk_context(root: &Path, matcher: &PatternMatcher) -> Result<Vec<String>, WalkError> {
+    // Unlike entries below it, a missing or unreadable context root is an error.
+    if let Err(source) = std::fs::read_dir(root) {
+        return Err(WalkError::ReadDir {
+            path: root.display().to_string(),
+            source,
+        });
+    }
     let mut out = Vec::new();
     let mut parents: Vec<VisitedDir> = Vec::new();
     walk_dir(root, "", matcher, &mut parents, &mut out, false)?;

@@ -68,13 +68,18 @@ fn strings(json: &str) -> Vec<String> {
     serde_json::from_str(json).unwrap_or_else(|e| panic!("bad JSON string list {json:?}: {e}"))
 }
 
+/// Go's `filepath.Dir`.
+fn parent_of(path: &str) -> String {
+    match path.rfind('/') {
+        Some(i) => strata_frontend::dockerignore::go_clean(&path[..=i]),
+        None => ".".to_string(),
+    }
+}
+
 /// What a walk reaches with MatchesUsingParentResults, going down from the top dir the
 /// way fsutil and upstream's test do.
 fn chained_parent_results(pm: &PatternMatcher, path: &str) -> bool {
-    let parent = match path.rfind('/') {
-        Some(i) => strata_frontend::dockerignore::go_clean(&path[..=i]),
-        None => ".".to_string(),
-    };
+    let parent = parent_of(path);
     let mut info = MatchInfo::default();
     if parent != "." {
         let dirs: Vec<&str> = parent.split('/').collect();
@@ -85,6 +90,19 @@ fn chained_parent_results(pm: &PatternMatcher, path: &str) -> bool {
         }
     }
     pm.matches_using_parent_results(path, &info).0
+}
+
+/// The deprecated single-result variant, chained the way upstream's test does.
+fn chained_parent_result(pm: &PatternMatcher, path: &str) -> bool {
+    let parent = parent_of(path);
+    let mut matched = false;
+    if parent != "." {
+        let dirs: Vec<&str> = parent.split('/').collect();
+        for n in 1..=dirs.len() {
+            matched = pm.matches_using_parent_result(&dirs[..n].join("/"), matched);
+        }
+    }
+    pm.matches_using_parent_result(path, matched)
 }
 
 #[test]
@@ -113,6 +131,12 @@ fn dockerignore_cases_conformance() {
                 }
                 direct
             }),
+            "MatchesUsingParentResults" => PatternMatcher::new(&patterns)
+                .map_err(|e| e.to_string())
+                .map(|pm| chained_parent_results(&pm, path)),
+            "MatchesUsingParentResult" => PatternMatcher::new(&patterns)
+                .map_err(|e| e.to_string())
+                .map(|pm| chained_parent_result(&pm, path)),
             other => {
                 failures.push(format!("{id}: unknown api {other:?}"));
                 continue;
@@ -154,6 +178,12 @@ fn dockerignore_compile_conformance() {
         ran += 1;
         let pattern = field(&row, "pattern");
         let want_type = match field(&row, "match_type") {
+            "error" | "" => {
+                if PatternMatcher::new(&[pattern.to_string()]).is_ok() {
+                    failures.push(format!("{pattern:?}: compiled, want an error"));
+                }
+                continue;
+            }
             "exactMatch" => MatchType::Exact,
             "prefixMatch" => MatchType::Prefix,
             "suffixMatch" => MatchType::Suffix,
@@ -352,6 +382,14 @@ fn walk_keeps_symlinks_and_reincludes_below_globbed_exception() {
     let pm = PatternMatcher::new(&["a".to_string(), "!**/*.txt".to_string()]).unwrap();
     let listing = walk_context(tmp.path(), &pm).unwrap();
     assert_eq!(listing, vec!["a/", "a/b/", "a/b/keep.txt", "c", "link"]);
+}
+
+#[test]
+fn walk_of_missing_root_fails() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pm = PatternMatcher::default();
+    assert!(walk_context(&tmp.path().join("nope"), &pm).is_err());
+    assert_eq!(walk_context(tmp.path(), &pm).unwrap(), Vec::<String>::new());
 }
 
 proptest! {
