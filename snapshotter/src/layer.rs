@@ -487,6 +487,19 @@ fn apply_entry<R: Read>(
         Error::io(format!("{action} {}", String::from_utf8_lossy(&path)), e)
     };
     let kind = entry.header().entry_type();
+    // Entries are read raw (see apply_layer), so the tar crate neither expands sparse
+    // files nor applies a PAX size; refuse them rather than write wrong data.
+    let header_size = entry.header().size().unwrap_or(0).to_string();
+    if kind == tar::EntryType::GNUSparse
+        || ext.pax.iter().any(|(k, v)| {
+            (k == "size" && v.as_slice() != header_size.as_bytes()) || k.starts_with("GNU.sparse.")
+        })
+    {
+        return Err(Error::InvalidArgument(format!(
+            "layer entry {:?}: sparse files and pax sizes are not supported",
+            String::from_utf8_lossy(&path)
+        )));
+    }
     let comps = components(&path).ok_or_else(|| unsafe_entry(&path, "path contains \"..\""))?;
     let Some((&name, parents)) = comps.split_last() else {
         // The layer root itself: `dest` keeps its own metadata.
@@ -539,7 +552,7 @@ fn apply_entry<R: Read>(
     }
     let pfd = parent.as_raw_fd();
     match kind {
-        tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::GNUSparse => {
+        tar::EntryType::Regular | tar::EntryType::Continuous => {
             // SAFETY: valid fd and name; O_EXCL|O_NOFOLLOW never opens an existing link.
             let fd = unsafe {
                 libc::openat(

@@ -122,9 +122,9 @@ fn mount_from_dir(
 
 fn mount_one(m: &Mount, target: &Path) -> Result<()> {
     let p = parse(&m.options);
-    if m.kind == "bind" {
+    if m.kind == "bind" || m.kind == "rbind" {
         let mut flags = MsFlags::MS_BIND | p.flags;
-        if p.recursive {
+        if p.recursive || m.kind == "rbind" {
             flags |= MsFlags::MS_REC;
         }
         nix::mount::mount(

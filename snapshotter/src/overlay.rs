@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use redb::{Database, ReadableTable, TableDefinition, WriteTransaction};
+use redb::{Database, ReadTransaction, ReadableTable, TableDefinition, WriteTransaction};
 use serde::{Deserialize, Serialize};
 
 use crate::mount::CHDIR_OPTION;
@@ -48,6 +48,13 @@ impl Record {
     }
 }
 
+/// An open database; field order makes it close before the locks are released.
+struct Locked<'a> {
+    db: Database,
+    _file: File,
+    _guard: std::sync::MutexGuard<'a, ()>,
+}
+
 pub struct OverlaySnapshotter {
     root: PathBuf,
     /// Serialises database opens within this process (the flock serialises processes).
@@ -77,15 +84,71 @@ fn encode(rec: &Record) -> Result<Vec<u8>> {
     serde_json::to_vec(rec).map_err(|e| Error::Metadata(format!("encode snapshot record: {e}")))
 }
 
-fn get_record(tx: &WriteTransaction, key: &str) -> Result<Option<Record>> {
-    let table = tx
-        .open_table(SNAPSHOTS)
-        .map_err(db_err("open snapshots table"))?;
-    let found = table.get(key).map_err(db_err("read snapshot record"))?;
-    match found {
+/// Record lookups shared by read and write transactions.
+trait Reader {
+    fn record(&self, key: &str) -> Result<Option<Record>>;
+    fn records(&self) -> Result<Vec<(String, Record)>>;
+}
+
+fn lookup(
+    table: &impl ReadableTable<&'static str, &'static [u8]>,
+    key: &str,
+) -> Result<Option<Record>> {
+    match table.get(key).map_err(db_err("read snapshot record"))? {
         Some(v) => Ok(Some(decode(key, v.value())?)),
         None => Ok(None),
     }
+}
+
+fn list(table: &impl ReadableTable<&'static str, &'static [u8]>) -> Result<Vec<(String, Record)>> {
+    let mut out = Vec::new();
+    for item in table.iter().map_err(db_err("list snapshots"))? {
+        let (k, v) = item.map_err(db_err("list snapshots"))?;
+        let key = k.value().to_string();
+        let rec = decode(&key, v.value())?;
+        out.push((key, rec));
+    }
+    Ok(out)
+}
+
+impl Reader for WriteTransaction {
+    fn record(&self, key: &str) -> Result<Option<Record>> {
+        lookup(
+            &self
+                .open_table(SNAPSHOTS)
+                .map_err(db_err("open snapshots table"))?,
+            key,
+        )
+    }
+    fn records(&self) -> Result<Vec<(String, Record)>> {
+        list(
+            &self
+                .open_table(SNAPSHOTS)
+                .map_err(db_err("open snapshots table"))?,
+        )
+    }
+}
+
+impl Reader for ReadTransaction {
+    fn record(&self, key: &str) -> Result<Option<Record>> {
+        lookup(
+            &self
+                .open_table(SNAPSHOTS)
+                .map_err(db_err("open snapshots table"))?,
+            key,
+        )
+    }
+    fn records(&self) -> Result<Vec<(String, Record)>> {
+        list(
+            &self
+                .open_table(SNAPSHOTS)
+                .map_err(db_err("open snapshots table"))?,
+        )
+    }
+}
+
+fn get_record(tx: &impl Reader, key: &str) -> Result<Option<Record>> {
+    tx.record(key)
 }
 
 fn put_record(tx: &WriteTransaction, key: &str, rec: &Record) -> Result<()> {
@@ -99,26 +162,16 @@ fn put_record(tx: &WriteTransaction, key: &str, rec: &Record) -> Result<()> {
     Ok(())
 }
 
-fn all_records(tx: &WriteTransaction) -> Result<Vec<(String, Record)>> {
-    let table = tx
-        .open_table(SNAPSHOTS)
-        .map_err(db_err("open snapshots table"))?;
-    let mut out = Vec::new();
-    for item in table.iter().map_err(db_err("list snapshots"))? {
-        let (k, v) = item.map_err(db_err("list snapshots"))?;
-        let key = k.value().to_string();
-        let rec = decode(&key, v.value())?;
-        out.push((key, rec));
-    }
-    Ok(out)
+fn all_records(tx: &impl Reader) -> Result<Vec<(String, Record)>> {
+    tx.records()
 }
 
-fn require(tx: &WriteTransaction, key: &str) -> Result<Record> {
+fn require(tx: &impl Reader, key: &str) -> Result<Record> {
     get_record(tx, key)?.ok_or_else(|| Error::NotFound(key.to_string()))
 }
 
 /// Ids of the committed ancestors of `rec`, nearest first.
-fn parent_ids(tx: &WriteTransaction, rec: &Record) -> Result<Vec<u64>> {
+fn parent_ids(tx: &impl Reader, rec: &Record) -> Result<Vec<u64>> {
     let mut ids = Vec::new();
     let mut next = rec.parent.clone();
     while let Some(p) = next {
@@ -164,15 +217,15 @@ impl OverlaySnapshotter {
         self.root.join("snapshots").join(id.to_string())
     }
 
-    /// Runs `f` in one write transaction, holding both the process and the file lock.
-    fn write<T>(&self, f: impl FnOnce(&WriteTransaction) -> Result<T>) -> Result<T> {
-        let _guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
-        let lock_path = self.root.join("metadata.lock");
+    /// Opens the database with both the process and the file lock held; they are
+    /// released when the returned guard drops (after the database closes).
+    fn open_db(&self) -> Result<Locked<'_>> {
+        let guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
         let lock_file: File = OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
-            .open(&lock_path)
+            .open(self.root.join("metadata.lock"))
             .map_err(|e| Error::io("open metadata lock file", e))?;
         loop {
             // SAFETY: flock on a file descriptor we own for the duration of the call.
@@ -187,12 +240,33 @@ impl OverlaySnapshotter {
         }
         let db = Database::create(self.root.join("metadata.redb"))
             .map_err(db_err("open metadata database"))?;
-        let tx = db.begin_write().map_err(db_err("begin transaction"))?;
+        Ok(Locked {
+            db,
+            _file: lock_file,
+            _guard: guard,
+        })
+    }
+
+    /// Runs `f` in one write transaction: every change commits together or not at all.
+    fn write<T>(&self, f: impl FnOnce(&WriteTransaction) -> Result<T>) -> Result<T> {
+        let locked = self.open_db()?;
+        let tx = locked
+            .db
+            .begin_write()
+            .map_err(db_err("begin transaction"))?;
         let value = f(&tx)?;
         tx.commit().map_err(db_err("commit transaction"))?;
-        drop(db);
-        drop(lock_file);
         Ok(value)
+    }
+
+    /// Runs `f` in a read transaction (no commit, no fsync).
+    fn read<T>(&self, f: impl FnOnce(&ReadTransaction) -> Result<T>) -> Result<T> {
+        let locked = self.open_db()?;
+        let tx = locked
+            .db
+            .begin_read()
+            .map_err(db_err("begin transaction"))?;
+        f(&tx)
     }
 
     fn create(&self, kind: Kind, key: &str, parent: &str) -> Result<Vec<Mount>> {
@@ -269,7 +343,7 @@ impl OverlaySnapshotter {
         result
     }
 
-    fn mounts_of(&self, tx: &WriteTransaction, rec: &Record) -> Result<Vec<Mount>> {
+    fn mounts_of(&self, tx: &impl Reader, rec: &Record) -> Result<Vec<Mount>> {
         let parents = parent_ids(tx, rec)?;
         Ok(self.build_mounts(rec, &parents))
     }
@@ -341,7 +415,7 @@ impl Snapshotter for OverlaySnapshotter {
     }
 
     fn mounts(&self, key: &str) -> Result<Vec<Mount>> {
-        self.write(|tx| {
+        self.read(|tx| {
             let rec = require(tx, key)?;
             self.mounts_of(tx, &rec)
         })
@@ -403,7 +477,7 @@ impl Snapshotter for OverlaySnapshotter {
     }
 
     fn stat(&self, key: &str) -> Result<Info> {
-        self.write(|tx| Ok(require(tx, key)?.info(key)))
+        self.read(|tx| Ok(require(tx, key)?.info(key)))
     }
 
     fn update_labels(&self, key: &str, labels: BTreeMap<String, String>) -> Result<Info> {
@@ -432,7 +506,7 @@ impl Snapshotter for OverlaySnapshotter {
     }
 
     fn upper_dir(&self, key: &str) -> Result<PathBuf> {
-        let id = self.write(|tx| Ok(require(tx, key)?.id))?;
+        let id = self.read(|tx| Ok(require(tx, key)?.id))?;
         Ok(self.snapshot_dir(id).join("fs"))
     }
 }

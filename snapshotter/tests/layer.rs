@@ -342,3 +342,47 @@ fn hardlinks_cannot_reach_outside() {
     assert_eq!(fs::read("/etc/passwd").unwrap(), before);
     assert!(h.outside_clean());
 }
+
+#[test]
+fn sparse_entries_are_refused() {
+    let mut tar = raw_tar(&[Raw::File(b"sparse", b"")]);
+    // Turn the regular entry into a GNU sparse one ('S') and fix the checksum.
+    let mut h = tar::Header::from_byte_slice(&tar[..512]).clone();
+    h.set_entry_type(tar::EntryType::GNUSparse);
+    h.set_cksum();
+    tar[..512].copy_from_slice(h.as_bytes());
+    let dst = tempfile::tempdir().unwrap();
+    let r = apply_layer(tar.as_slice(), dst.path());
+    assert!(matches!(r, Err(Error::InvalidArgument(_))), "{r:?}");
+    assert!(!dst.path().join("sparse").exists());
+}
+
+/// GNU tar reads our layers, long names, PAX xattrs and all.
+#[test]
+fn gnu_tar_reads_written_layers() {
+    let src = tempfile::tempdir().unwrap();
+    rich_upper(src.path());
+    let (tar, _) = layer_of(src.path(), &DiffOptions::default());
+    let out = tempfile::tempdir().unwrap();
+    let file = out.path().join("layer.tar");
+    fs::write(&file, &tar).unwrap();
+    let list = std::process::Command::new("tar")
+        .args(["--xattrs", "-tvf"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(
+        list.status.success(),
+        "{}",
+        String::from_utf8_lossy(&list.stderr)
+    );
+    let text = String::from_utf8_lossy(&list.stdout);
+    assert!(text.contains(&format!(
+        "{}/{}/{}",
+        "d".repeat(120),
+        "d".repeat(120),
+        "f".repeat(150)
+    )));
+    assert!(text.contains(&format!("longlink -> {}", "t".repeat(200))));
+    assert!(text.contains("hard1 link to etc/hard2"), "{text}");
+}
