@@ -1167,15 +1167,36 @@ fn extract_tar(reader: impl Read, dir: &Path, archive: &Path) -> Result<(), File
         let header = entry.header().clone();
         // Go's tar reader reads an empty numeric field as 0; so do we.
         let mode = header.mode().unwrap_or(0) & 0o7777;
-        let uid = header.uid().unwrap_or(0);
-        let gid = header.gid().unwrap_or(0);
-        let mtime = header.mtime().unwrap_or(0) as i64;
+        let mut uid = header.uid().unwrap_or(0);
+        let mut gid = header.gid().unwrap_or(0);
+        let mut mtime = header.mtime().unwrap_or(0) as i64;
+        // PAX records override the header (large ids, precise times) and carry xattrs.
+        let mut xattrs: Vec<(String, Vec<u8>)> = Vec::new();
+        if let Ok(Some(exts)) = entry.pax_extensions() {
+            for ext in exts.flatten() {
+                let Ok(key) = ext.key() else { continue };
+                let value = ext.value().unwrap_or("");
+                match key {
+                    "uid" => uid = value.trim().parse().unwrap_or(uid),
+                    "gid" => gid = value.trim().parse().unwrap_or(gid),
+                    "mtime" => {
+                        let secs = value.split('.').next().unwrap_or("");
+                        mtime = secs.trim().parse().unwrap_or(mtime);
+                    }
+                    _ => {
+                        if let Some(name) = key.strip_prefix("SCHILY.xattr.") {
+                            xattrs.push((name.to_string(), ext.value_bytes().to_vec()));
+                        }
+                    }
+                }
+            }
+        }
         let mut chmod = true;
         if kind.is_dir() {
             if !path.is_dir() {
                 fs::create_dir(&path).map_err(io_err("create directory", &path))?;
             }
-        } else if kind.is_file() || kind.is_contiguous() {
+        } else if kind.is_file() || kind.is_contiguous() || kind.is_gnu_sparse() {
             let mut out = OpenOptions::new()
                 .write(true)
                 .create_new(true)
@@ -1239,12 +1260,8 @@ fn extract_tar(reader: impl Read, dir: &Path, archive: &Path) -> Result<(), File
             std::os::unix::fs::lchown(&path, Some(uid as u32), Some(gid as u32))
                 .map_err(io_err("chown", &path))?;
         }
-        if let Ok(Some(exts)) = entry.pax_extensions() {
-            for ext in exts.flatten() {
-                if let Some(key) = ext.key().ok().and_then(|k| k.strip_prefix("SCHILY.xattr.")) {
-                    let _ = xattr::set(&path, key, ext.value_bytes());
-                }
-            }
+        for (name, value) in &xattrs {
+            let _ = xattr::set(&path, name, value);
         }
         if chmod {
             fs::set_permissions(&path, fs::Permissions::from_mode(mode))

@@ -1275,3 +1275,53 @@ fn large_context_rechecksums_from_stats_only() {
     assert_eq!(cache.hashed_files(), read_first);
     eprintln!("5k files: cold {cold:?}, warm {warm:?}");
 }
+
+#[test]
+fn fifos_and_xattrs_are_copied() {
+    let src = TempDir::new().unwrap();
+    write(src.path(), "d/f", "f");
+    nix::unistd::mkfifo(
+        &src.path().join("d/pipe"),
+        nix::sys::stat::Mode::from_bits_truncate(0o640),
+    )
+    .unwrap();
+    let has_xattrs = xattr::set(src.path().join("d/f"), "user.origin", b"ctx").is_ok();
+    let dest = TempDir::new().unwrap();
+    run(dest.path(), ctx(src.path()), vec![cp("d", "/d")]).unwrap();
+    use std::os::unix::fs::FileTypeExt;
+    let pipe = fs::symlink_metadata(dest.path().join("d/pipe")).unwrap();
+    assert!(pipe.file_type().is_fifo());
+    assert_eq!(pipe.mode() & 0o7777, 0o640);
+    if has_xattrs {
+        assert_eq!(
+            xattr::get(dest.path().join("d/f"), "user.origin").unwrap(),
+            Some(b"ctx".to_vec())
+        );
+    }
+}
+
+#[test]
+fn add_applies_pax_owners_and_xattrs() {
+    let src = TempDir::new().unwrap();
+    let mut b = tar::Builder::new(Vec::new());
+    b.append_pax_extensions([("uid", &b"3000000"[..]), ("SCHILY.xattr.user.k", &b"v"[..])])
+        .unwrap();
+    let mut h = tar::Header::new_ustar();
+    h.set_entry_type(tar::EntryType::Regular);
+    h.set_mode(0o600);
+    h.set_uid(1);
+    h.set_gid(2);
+    h.set_size(1);
+    b.append_data(&mut h, "big-uid", &b"x"[..]).unwrap();
+    fs::write(src.path().join("pax.tar"), b.into_inner().unwrap()).unwrap();
+    let dest = TempDir::new().unwrap();
+    let mut a = cp("pax.tar", "/out/");
+    a.attempt_unpack = true;
+    run(dest.path(), ctx(src.path()), vec![a]).unwrap();
+    let f = dest.path().join("out/big-uid");
+    assert_eq!(owner(&f), (3_000_000, 2));
+    assert_eq!(mode(&f), 0o600);
+    if xattr::set(src.path().join("pax.tar"), "user.probe", b"1").is_ok() {
+        assert_eq!(xattr::get(&f, "user.k").unwrap(), Some(b"v".to_vec()));
+    }
+}
