@@ -13,7 +13,7 @@ pub mod cache;
 pub mod contenthash;
 pub mod fileop;
 pub mod progress;
-// pub mod worker; (enabled once the snapshotter and sandbox land)
+pub mod worker;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};

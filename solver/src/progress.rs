@@ -50,7 +50,7 @@ impl Progress for PlainProgress {
             }
         }
         let mut err = std::io::stderr().lock();
-        let mut header = |d: &str, err: &mut dyn Write| {
+        let header = |d: &str, err: &mut dyn Write| {
             let (id, new) = self.id(d);
             if new {
                 let _ = writeln!(err, "#{id} {d}");

@@ -15,7 +15,8 @@ use strata_snapshotter::mount::MountGuard;
 use strata_snapshotter::{OverlaySnapshotter, Snapshotter};
 
 use crate::contenthash::StatCache;
-use crate::fileop::{apply_file_op, checksum, SourceRoot};
+use crate::contenthash::checksum;
+use crate::fileop::{apply_file_op, SourceRoot};
 use crate::progress::{Progress, ProgressEvent};
 use crate::{CacheKey, Ref, Worker};
 

@@ -5,5 +5,6 @@ mod common;
 
 mod build_outputs;
 mod cache;
+mod conformance;
 mod errors;
 mod interrupt;

@@ -139,8 +139,8 @@ fn now_rfc3339(epoch: Option<i64>) -> String {
 
 pub fn run(cli: &Cli, args: &BuildArgs) -> Result<i32> {
     unsafe {
-        libc::signal(libc::SIGINT, on_signal as libc::sighandler_t);
-        libc::signal(libc::SIGTERM, on_signal as libc::sighandler_t);
+        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
     }
     if let Some(p) = &args.platform {
         if p != "linux/amd64" {
@@ -359,7 +359,7 @@ fn export_image(
     image.rootfs.kind = "layers".into();
     image.rootfs.diff_ids = layers.iter().map(|l| l.diff_id.to_string()).collect();
     progress.event(ProgressEvent::Info { message: format!("#exporting {} layers", layers.len()) });
-    Ok(strata_exporter::write_image(&store.content, &layers, &image, true)?)
+    Ok(strata_exporter::write_image_config(&store.content, &layers, &image, true)?)
 }
 
 /// `--output type=local,dest=DIR`: the final root filesystem, copied out of a read-only view.
