@@ -8,7 +8,12 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 #[command(name = "strata", version, about = "A Dockerfile build engine")]
 pub struct Cli {
     /// Store directory (content, snapshots, cache, images).
-    #[arg(long, global = true, env = "STRATA_ROOT", default_value = "/var/lib/strata")]
+    #[arg(
+        long,
+        global = true,
+        env = "STRATA_ROOT",
+        default_value = "/var/lib/strata"
+    )]
     pub root: PathBuf,
     /// Registries (host:port) to reach over plain HTTP, besides loopback ones.
     #[arg(long = "insecure-registry", global = true, value_name = "HOST")]

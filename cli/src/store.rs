@@ -21,15 +21,19 @@ pub struct Store {
 
 impl Store {
     pub fn open(root: &Path) -> Result<Store> {
-        std::fs::create_dir_all(root).with_context(|| format!("create store {}", root.display()))?;
+        std::fs::create_dir_all(root)
+            .with_context(|| format!("create store {}", root.display()))?;
         let mounts_root = root.join("mounts");
         std::fs::create_dir_all(&mounts_root)?;
         clean_stale_mounts(&mounts_root);
         let mounts_dir = mounts_root.join(std::process::id().to_string());
         std::fs::create_dir_all(&mounts_dir)?;
-        let snapshotter = OverlaySnapshotter::open(&root.join("snapshots")).context("open snapshotter")?;
+        let snapshotter =
+            OverlaySnapshotter::open(&root.join("snapshots")).context("open snapshotter")?;
         let content = ContentStore::open(&root.join("content")).context("open content store")?;
-        let cache = DbCache::open(&root.join("cache-v1.redb")).map_err(anyhow::Error::msg).context("open cache")?;
+        let cache = DbCache::open(&root.join("cache-v1.redb"))
+            .map_err(anyhow::Error::msg)
+            .context("open cache")?;
         Ok(Store {
             root: root.to_path_buf(),
             snapshotter: Arc::new(snapshotter),
@@ -67,10 +71,14 @@ fn remove_empty_dirs(dir: &Path) {
 /// Unmounts and removes the mount dirs of strata processes that are gone (a SIGKILL'd
 /// build); live processes' dirs are left alone.
 fn clean_stale_mounts(mounts_root: &Path) {
-    let Ok(entries) = std::fs::read_dir(mounts_root) else { return };
+    let Ok(entries) = std::fs::read_dir(mounts_root) else {
+        return;
+    };
     for entry in entries.flatten() {
         let name = entry.file_name();
-        let Some(pid) = name.to_str().and_then(|s| s.parse::<i32>().ok()) else { continue };
+        let Some(pid) = name.to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
         if pid as u32 == std::process::id() || Path::new(&format!("/proc/{pid}")).exists() {
             continue;
         }

@@ -793,7 +793,12 @@ impl<'a> Converter<'a> {
                 // Every word of the line sees the environment from before the line.
                 let expanded = pairs
                     .iter()
-                    .map(|kv| Ok((self.expand(state, &kv.key, loc)?, self.expand(state, &kv.value, loc)?)))
+                    .map(|kv| {
+                        Ok((
+                            self.expand(state, &kv.key, loc)?,
+                            self.expand(state, &kv.value, loc)?,
+                        ))
+                    })
                     .collect::<Result<Vec<_>, ConvertError>>()?;
                 for (key, value) in expanded {
                     msg.push_str(&format!(" {key}={value}"));
@@ -807,7 +812,12 @@ impl<'a> Converter<'a> {
                 let mut msg = String::from("LABEL");
                 let expanded = pairs
                     .iter()
-                    .map(|kv| Ok((self.expand(state, &kv.key, loc)?, self.expand(state, &kv.value, loc)?)))
+                    .map(|kv| {
+                        Ok((
+                            self.expand(state, &kv.key, loc)?,
+                            self.expand(state, &kv.value, loc)?,
+                        ))
+                    })
                     .collect::<Result<Vec<_>, ConvertError>>()?;
                 for (key, value) in expanded {
                     msg.push_str(&format!(" {key}={value}"));

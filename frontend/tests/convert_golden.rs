@@ -10,17 +10,30 @@ impl ImageResolver for FakeResolver {
     fn resolve(&self, reference: &str, _platform: &Platform) -> Result<ResolvedImage, String> {
         let mut config = strata_dag::image::ImageConfig::default();
         config.config.env = vec!["PATH=/bin".into()];
-        Ok(ResolvedImage { pinned: format!("{reference}@{}", strata_dag::Digest::of(reference.as_bytes())), config })
+        Ok(ResolvedImage {
+            pinned: format!(
+                "{reference}@{}",
+                strata_dag::Digest::of(reference.as_bytes())
+            ),
+            config,
+        })
     }
 }
 
 fn lower(text: &str) -> Definition {
-    let opts = ConvertOptions { dockerfile_name: "Dockerfile".into(), ..Default::default() };
+    let opts = ConvertOptions {
+        dockerfile_name: "Dockerfile".into(),
+        ..Default::default()
+    };
     convert(text, &opts, &FakeResolver).unwrap().definition
 }
 
 fn testdata(name: &str) -> String {
-    std::fs::read_to_string(format!("{}/../testdata/dag/{name}", env!("CARGO_MANIFEST_DIR"))).unwrap()
+    std::fs::read_to_string(format!(
+        "{}/../testdata/dag/{name}",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .unwrap()
 }
 
 #[test]
@@ -52,7 +65,11 @@ fn changing_a_run_line_changes_only_downstream_digests() {
         assert!(db.contains(d));
     }
     let meta = &a.metadata[&da[changed]];
-    assert!(meta.description.contains("make test"), "{}", meta.description);
+    assert!(
+        meta.description.contains("make test"),
+        "{}",
+        meta.description
+    );
     // The final stage's base image source is shared and unchanged.
     assert!(da.iter().filter(|d| db.contains(d)).count() >= 3);
 }
@@ -60,22 +77,39 @@ fn changing_a_run_line_changes_only_downstream_digests() {
 #[test]
 fn unreachable_stages_are_not_lowered() {
     let def = lower(&testdata("multistage.Dockerfile"));
-    assert!(!def.dump().contains("nothing"), "the unused stage was lowered");
+    assert!(
+        !def.dump().contains("nothing"),
+        "the unused stage was lowered"
+    );
 }
 
 #[test]
 fn build_args_reach_only_steps_after_their_declaration() {
     let text = testdata("multistage.Dockerfile");
     let opts = |v: &str| ConvertOptions {
-        build_args: [("VERSION".to_string(), v.to_string())].into_iter().collect(),
+        build_args: [("VERSION".to_string(), v.to_string())]
+            .into_iter()
+            .collect(),
         ..Default::default()
     };
-    let a = convert(&text, &opts("1"), &FakeResolver).unwrap().definition;
-    let b = convert(&text, &opts("2"), &FakeResolver).unwrap().definition;
+    let a = convert(&text, &opts("1"), &FakeResolver)
+        .unwrap()
+        .definition;
+    let b = convert(&text, &opts("2"), &FakeResolver)
+        .unwrap()
+        .definition;
     let same: Vec<_> = a.nodes.iter().filter(|n| b.nodes.contains(n)).collect();
     // sources, WORKDIR and COPY . . are before ARG VERSION's first use, so they stay
     assert!(same.len() >= 4, "{}", a.dump());
-    let run = a.nodes.iter().find(|n| a.metadata[&n.digest()].description.contains("RUN make VERSION")).unwrap();
+    let run = a
+        .nodes
+        .iter()
+        .find(|n| {
+            a.metadata[&n.digest()]
+                .description
+                .contains("RUN make VERSION")
+        })
+        .unwrap();
     assert!(!b.nodes.contains(run));
 }
 
@@ -84,10 +118,26 @@ fn errors_carry_the_line() {
     let opts = ConvertOptions::default();
     let err = convert("FROM scratch\nCOPY --chmod=999 a /\n", &opts, &FakeResolver).unwrap_err();
     assert_eq!(err.location.map(|l| l.start_line), Some(2));
-    assert!(err.message.contains("invalid chmod parameter"), "{}", err.message);
-    let err = convert("FROM scratch\nRUN --mount=type=cache,target=/x true\n", &opts, &FakeResolver).unwrap_err();
+    assert!(
+        err.message.contains("invalid chmod parameter"),
+        "{}",
+        err.message
+    );
+    let err = convert(
+        "FROM scratch\nRUN --mount=type=cache,target=/x true\n",
+        &opts,
+        &FakeResolver,
+    )
+    .unwrap_err();
     assert!(err.message.contains("--mount"), "{}", err.message);
-    let err = convert("FROM scratch\n", &ConvertOptions { target: Some("nope".into()), ..Default::default() }, &FakeResolver)
-        .unwrap_err();
+    let err = convert(
+        "FROM scratch\n",
+        &ConvertOptions {
+            target: Some("nope".into()),
+            ..Default::default()
+        },
+        &FakeResolver,
+    )
+    .unwrap_err();
     assert_eq!(err.message, "target stage \"nope\" could not be found");
 }

@@ -27,7 +27,9 @@ pub struct DbCache {
 
 impl DbCache {
     pub fn open(path: &Path) -> Result<Self, String> {
-        let cache = DbCache { path: path.to_path_buf() };
+        let cache = DbCache {
+            path: path.to_path_buf(),
+        };
         cache.with_db(|db| {
             let tx = db.begin_write().map_err(|e| e.to_string())?;
             tx.open_table(RESULTS).map_err(|e| e.to_string())?;
@@ -67,8 +69,12 @@ impl DbCache {
 
     /// Removes the records whose snapshot `keep` rejects; returns how many went.
     pub fn retain(&self, keep: &dyn Fn(&str) -> bool) -> Result<usize, String> {
-        let doomed: Vec<Vec<u8>> =
-            self.entries()?.into_iter().filter(|(_, v)| !keep(v)).map(|(k, _)| k).collect();
+        let doomed: Vec<Vec<u8>> = self
+            .entries()?
+            .into_iter()
+            .filter(|(_, v)| !keep(v))
+            .map(|(k, _)| k)
+            .collect();
         self.with_db(|db| {
             let tx = db.begin_write().map_err(|e| e.to_string())?;
             {
@@ -98,7 +104,8 @@ fn decode(s: &str) -> Option<Ref> {
     if let Some(n) = s.strip_prefix("snapshot:") {
         return Some(Ref::Snapshot(n.to_string()));
     }
-    s.strip_prefix("local:").map(|p| Ref::Local(PathBuf::from(p)))
+    s.strip_prefix("local:")
+        .map(|p| Ref::Local(PathBuf::from(p)))
 }
 
 impl CacheStore for DbCache {
@@ -117,7 +124,9 @@ impl CacheStore for DbCache {
             let tx = db.begin_write().map_err(|e| e.to_string())?;
             {
                 let mut table = tx.open_table(RESULTS).map_err(|e| e.to_string())?;
-                table.insert(key.0.as_slice(), value.as_str()).map_err(|e| e.to_string())?;
+                table
+                    .insert(key.0.as_slice(), value.as_str())
+                    .map_err(|e| e.to_string())?;
             }
             tx.commit().map_err(|e| e.to_string())
         })
@@ -133,7 +142,10 @@ impl CacheStore for MemoryCache {
         Ok(self.0.lock().map_err(|e| e.to_string())?.get(key).cloned())
     }
     fn put(&self, key: &CacheKey, result: &Ref) -> Result<(), String> {
-        self.0.lock().map_err(|e| e.to_string())?.insert(*key, result.clone());
+        self.0
+            .lock()
+            .map_err(|e| e.to_string())?
+            .insert(*key, result.clone());
         Ok(())
     }
 }
@@ -147,7 +159,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("cache.redb");
         let key = CacheKey([7; 32]);
-        DbCache::open(&path).unwrap().put(&key, &Ref::Snapshot("s1".into())).unwrap();
+        DbCache::open(&path)
+            .unwrap()
+            .put(&key, &Ref::Snapshot("s1".into()))
+            .unwrap();
         let again = DbCache::open(&path).unwrap();
         assert_eq!(again.get(&key).unwrap(), Some(Ref::Snapshot("s1".into())));
         assert_eq!(again.get(&CacheKey([8; 32])).unwrap(), None);

@@ -63,7 +63,11 @@ impl CacheKey {
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("{step}: {message}")]
-    Step { step: String, message: String, location: Option<strata_dag::SourceLocation> },
+    Step {
+        step: String,
+        message: String,
+        location: Option<strata_dag::SourceLocation>,
+    },
     #[error("invalid build definition: {0}")]
     InvalidDefinition(String),
     #[error("build cancelled")]
@@ -76,12 +80,23 @@ pub enum Error {
 pub trait Worker: Sync {
     /// Checksum of the content `node` reads from inputs that are not themselves cached
     /// results (the local build context), or `None` when it reads none.
-    fn content_key(&self, node: &Node, local_inputs: &[Option<&Ref>]) -> Result<Option<[u8; 32]>, String>;
+    fn content_key(
+        &self,
+        node: &Node,
+        local_inputs: &[Option<&Ref>],
+    ) -> Result<Option<[u8; 32]>, String>;
     /// The result of a source that needs no execution (the local context), if `node` is one.
     fn immediate(&self, node: &Node) -> Option<Ref>;
     /// Runs `node` over its inputs' results and commits its result under a name derived
     /// from `key`.
-    fn exec(&self, node: &Node, meta: &NodeMeta, key: &CacheKey, inputs: &[Ref], progress: &dyn Progress) -> Result<Ref, String>;
+    fn exec(
+        &self,
+        node: &Node,
+        meta: &NodeMeta,
+        key: &CacheKey,
+        inputs: &[Ref],
+        progress: &dyn Progress,
+    ) -> Result<Ref, String>;
     /// Whether a cached result still exists.
     fn exists(&self, r: &Ref) -> bool;
 }
@@ -115,20 +130,32 @@ impl<'a> Solver<'a> {
         max_parallelism: usize,
         cancel: &'a AtomicBool,
     ) -> Self {
-        Solver { worker, cache, progress, max_parallelism: max_parallelism.max(1), cancel }
+        Solver {
+            worker,
+            cache,
+            progress,
+            max_parallelism: max_parallelism.max(1),
+            cancel,
+        }
     }
 
     fn step_error(def: &Definition, digest: &Digest, message: String) -> Error {
         let meta = def.metadata.get(digest);
         Error::Step {
-            step: meta.map(|m| m.description.clone()).unwrap_or_else(|| digest.to_string()),
+            step: meta
+                .map(|m| m.description.clone())
+                .unwrap_or_else(|| digest.to_string()),
             message,
             location: meta.and_then(|m| m.location.clone()),
         }
     }
 
     fn plan<'d>(&self, def: &'d Definition) -> Result<Plan<'d>, Error> {
-        let mut plan = Plan { nodes: HashMap::new(), keys: HashMap::new(), immediate: HashMap::new() };
+        let mut plan = Plan {
+            nodes: HashMap::new(),
+            keys: HashMap::new(),
+            immediate: HashMap::new(),
+        };
         // Definitions are topologically ordered: inputs come before their users.
         for node in &def.nodes {
             let digest = node.digest();
@@ -141,7 +168,10 @@ impl<'a> Solver<'a> {
             let mut local_inputs = Vec::new();
             for input in &node.inputs {
                 let key = plan.keys.get(&input.digest).ok_or_else(|| {
-                    Error::InvalidDefinition(format!("node {digest} reads {} before it is defined", input.digest))
+                    Error::InvalidDefinition(format!(
+                        "node {digest} reads {} before it is defined",
+                        input.digest
+                    ))
                 })?;
                 hasher.update(&key.0);
                 hasher.update(&input.output.to_le_bytes());
@@ -157,7 +187,8 @@ impl<'a> Solver<'a> {
                     hasher.update(&c);
                 }
             }
-            plan.keys.insert(digest.clone(), CacheKey(*hasher.finalize().as_bytes()));
+            plan.keys
+                .insert(digest.clone(), CacheKey(*hasher.finalize().as_bytes()));
             plan.nodes.insert(digest, node);
         }
         Ok(plan)
@@ -180,7 +211,10 @@ impl<'a> Solver<'a> {
             if !seen.insert(d.clone()) {
                 continue;
             }
-            let node = plan.nodes.get(&d).ok_or_else(|| Error::InvalidDefinition(format!("unknown node {d}")))?;
+            let node = plan
+                .nodes
+                .get(&d)
+                .ok_or_else(|| Error::InvalidDefinition(format!("unknown node {d}")))?;
             if let Some(r) = plan.immediate.get(&d) {
                 results.insert(d.clone(), r.clone());
                 continue;
@@ -190,7 +224,9 @@ impl<'a> Solver<'a> {
             if !meta.ignore_cache {
                 let hit = self.cache.get(&key).map_err(Error::Cache)?;
                 if let Some(r) = hit.filter(|r| self.worker.exists(r)) {
-                    self.progress.event(ProgressEvent::Cached { description: meta.description.clone() });
+                    self.progress.event(ProgressEvent::Cached {
+                        description: meta.description.clone(),
+                    });
                     report.cached.push(meta.description.clone());
                     results.insert(d.clone(), r);
                     continue;
@@ -231,7 +267,12 @@ impl<'a> Solver<'a> {
                         .iter()
                         .map(Node::digest)
                         .filter(|d| pending.contains(d))
-                        .filter(|d| plan.nodes[d].inputs.iter().all(|i| results.contains_key(&i.digest)))
+                        .filter(|d| {
+                            plan.nodes[d]
+                                .inputs
+                                .iter()
+                                .all(|i| results.contains_key(&i.digest))
+                        })
                         .collect();
                     for d in ready {
                         if running >= self.max_parallelism {
@@ -240,14 +281,20 @@ impl<'a> Solver<'a> {
                         pending.remove(&d);
                         running += 1;
                         let node = plan.nodes[&d];
-                        let inputs: Vec<Ref> = node.inputs.iter().map(|i| results[&i.digest].clone()).collect();
+                        let inputs: Vec<Ref> = node
+                            .inputs
+                            .iter()
+                            .map(|i| results[&i.digest].clone())
+                            .collect();
                         let meta = def.metadata.get(&d).cloned().unwrap_or_default();
                         let key = plan.keys[&d];
                         let tx = tx.clone();
                         let worker = self.worker;
                         let progress = self.progress;
                         scope.spawn(move || {
-                            progress.event(ProgressEvent::Started { description: meta.description.clone() });
+                            progress.event(ProgressEvent::Started {
+                                description: meta.description.clone(),
+                            });
                             let start = Instant::now();
                             let r = worker.exec(node, &meta, &key, &inputs, progress);
                             let _ = tx.send((d, r, start.elapsed().as_secs_f64()));
@@ -259,7 +306,11 @@ impl<'a> Solver<'a> {
                 }
                 let Ok((d, r, secs)) = rx.recv() else { break };
                 running -= 1;
-                let description = def.metadata.get(&d).map(|m| m.description.clone()).unwrap_or_default();
+                let description = def
+                    .metadata
+                    .get(&d)
+                    .map(|m| m.description.clone())
+                    .unwrap_or_default();
                 match r {
                     Ok(result) => {
                         if let Err(e) = self.cache.put(&plan.keys[&d], &result) {
@@ -267,12 +318,18 @@ impl<'a> Solver<'a> {
                                 f.get_or_insert(Error::Cache(e));
                             }
                         }
-                        self.progress.event(ProgressEvent::Done { description: description.clone(), seconds: secs });
+                        self.progress.event(ProgressEvent::Done {
+                            description: description.clone(),
+                            seconds: secs,
+                        });
                         report.executed.push(description);
                         results.insert(d, result);
                     }
                     Err(message) => {
-                        self.progress.event(ProgressEvent::Failed { description, message: message.clone() });
+                        self.progress.event(ProgressEvent::Failed {
+                            description,
+                            message: message.clone(),
+                        });
                         if let Ok(mut f) = failure.lock() {
                             f.get_or_insert(Self::step_error(def, &d, message));
                         }
@@ -287,7 +344,9 @@ impl<'a> Solver<'a> {
             return Err(Error::Cancelled);
         }
         if !pending.is_empty() {
-            return Err(Error::InvalidDefinition("some steps could never run (missing inputs)".into()));
+            return Err(Error::InvalidDefinition(
+                "some steps could never run (missing inputs)".into(),
+            ));
         }
         Ok(())
     }

@@ -6,12 +6,27 @@ use std::sync::Mutex;
 
 #[derive(Clone, Debug)]
 pub enum ProgressEvent {
-    Started { description: String },
-    Cached { description: String },
-    Output { description: String, line: String },
-    Done { description: String, seconds: f64 },
-    Failed { description: String, message: String },
-    Info { message: String },
+    Started {
+        description: String,
+    },
+    Cached {
+        description: String,
+    },
+    Output {
+        description: String,
+        line: String,
+    },
+    Done {
+        description: String,
+        seconds: f64,
+    },
+    Failed {
+        description: String,
+        message: String,
+    },
+    Info {
+        message: String,
+    },
 }
 
 pub trait Progress: Sync {
@@ -26,11 +41,16 @@ pub struct PlainProgress {
 
 impl PlainProgress {
     pub fn new(quiet: bool) -> Self {
-        PlainProgress { state: Mutex::new((0, HashMap::new())), quiet }
+        PlainProgress {
+            state: Mutex::new((0, HashMap::new())),
+            quiet,
+        }
     }
 
     fn id(&self, description: &str) -> (usize, bool) {
-        let Ok(mut st) = self.state.lock() else { return (0, false) };
+        let Ok(mut st) = self.state.lock() else {
+            return (0, false);
+        };
         if let Some(id) = st.1.get(description) {
             return (*id, false);
         }
@@ -69,11 +89,17 @@ impl Progress for PlainProgress {
                 let id = header(&description, &mut err);
                 let _ = writeln!(err, "#{id} {line}");
             }
-            ProgressEvent::Done { description, seconds } => {
+            ProgressEvent::Done {
+                description,
+                seconds,
+            } => {
                 let id = header(&description, &mut err);
                 let _ = writeln!(err, "#{id} DONE {seconds:.1}s");
             }
-            ProgressEvent::Failed { description, message } => {
+            ProgressEvent::Failed {
+                description,
+                message,
+            } => {
                 let id = header(&description, &mut err);
                 let _ = writeln!(err, "#{id} ERROR: {message}");
             }

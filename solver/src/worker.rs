@@ -14,8 +14,8 @@ use strata_snapshotter::content::ContentStore;
 use strata_snapshotter::mount::MountGuard;
 use strata_snapshotter::{OverlaySnapshotter, Snapshotter};
 
-use crate::contenthash::StatCache;
 use crate::contenthash::checksum;
+use crate::contenthash::StatCache;
 use crate::fileop::{apply_file_op, SourceRoot};
 use crate::progress::{Progress, ProgressEvent};
 use crate::{CacheKey, Ref, Worker};
@@ -69,12 +69,18 @@ impl RealWorker {
     fn temp_key(prefix: &str) -> String {
         use std::sync::atomic::{AtomicU64, Ordering};
         static N: AtomicU64 = AtomicU64::new(0);
-        format!("{prefix}-{}-{}-{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst), nanos())
+        format!(
+            "{prefix}-{}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst),
+            nanos()
+        )
     }
 
     fn mount_point(&self, key: &str) -> Result<PathBuf, String> {
         let dir = self.mounts_dir.join(key);
-        std::fs::create_dir_all(&dir).map_err(|e| format!("create mount point {}: {e}", dir.display()))?;
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| format!("create mount point {}: {e}", dir.display()))?;
         Ok(dir)
     }
 
@@ -88,7 +94,10 @@ impl RealWorker {
         f: impl FnOnce(&str, Vec<strata_snapshotter::Mount>) -> Result<T, String>,
     ) -> Result<Ref, String> {
         let active = Self::temp_key("active");
-        let mounts = self.snapshotter.prepare(&active, parent).map_err(|e| format!("prepare snapshot: {e}"))?;
+        let mounts = self
+            .snapshotter
+            .prepare(&active, parent)
+            .map_err(|e| format!("prepare snapshot: {e}"))?;
         let outcome = f(&active, mounts);
         match outcome {
             Ok(_) => {
@@ -108,7 +117,12 @@ impl RealWorker {
         }
     }
 
-    fn pull(&self, reference: &str, progress: &dyn Progress, description: &str) -> Result<Ref, String> {
+    fn pull(
+        &self,
+        reference: &str,
+        progress: &dyn Progress,
+        description: &str,
+    ) -> Result<Ref, String> {
         let reference = Reference::parse(reference).map_err(|e| e.to_string())?;
         let resolved = self
             .registry
@@ -176,12 +190,20 @@ impl RealWorker {
                 let mut labels = BTreeMap::new();
                 labels.insert(LABEL_BLOB.to_string(), blob.to_string());
                 let active = Self::temp_key("pull");
-                self.snapshotter.prepare(&active, &parent).map_err(|e| format!("prepare snapshot: {e}"))?;
+                self.snapshotter
+                    .prepare(&active, &parent)
+                    .map_err(|e| format!("prepare snapshot: {e}"))?;
                 let applied = (|| {
-                    let upper = self.snapshotter.upper_dir(&active).map_err(|e| e.to_string())?;
+                    let upper = self
+                        .snapshotter
+                        .upper_dir(&active)
+                        .map_err(|e| e.to_string())?;
                     let file = self.content.open_blob(&digest).map_err(|e| e.to_string())?;
-                    let applied = strata_snapshotter::layer::apply_layer(std::io::BufReader::new(file), &upper)
-                        .map_err(|e| format!("apply layer {digest}: {e}"))?;
+                    let applied = strata_snapshotter::layer::apply_layer(
+                        std::io::BufReader::new(file),
+                        &upper,
+                    )
+                    .map_err(|e| format!("apply layer {digest}: {e}"))?;
                     if applied.diff_id.as_str() != diff_id {
                         return Err(format!(
                             "layer {digest}: diff id {} does not match the config's {diff_id}",
@@ -213,8 +235,12 @@ impl RealWorker {
 
     fn fetch_blob(&self, reference: &Reference, digest: &Digest) -> Result<(), String> {
         let mut writer = self.content.writer().map_err(|e| e.to_string())?;
-        self.registry.fetch_blob(reference, digest, &mut writer).map_err(|e| format!("fetch {digest}: {e}"))?;
-        writer.commit(Some(digest)).map_err(|e| format!("store {digest}: {e}"))?;
+        self.registry
+            .fetch_blob(reference, digest, &mut writer)
+            .map_err(|e| format!("fetch {digest}: {e}"))?;
+        writer
+            .commit(Some(digest))
+            .map_err(|e| format!("store {digest}: {e}"))?;
         Ok(())
     }
 
@@ -261,19 +287,28 @@ impl RealWorker {
                     if tail.len() > 10 {
                         tail.remove(0);
                     }
-                    progress.event(ProgressEvent::Output { description: description.clone(), line: text });
+                    progress.event(ProgressEvent::Output {
+                        description: description.clone(),
+                        line: text,
+                    });
                 }
             };
             let result = self.sandbox.run(&req, &mut emit);
             for buf in pending.iter() {
                 if !buf.is_empty() {
                     let text = String::from_utf8_lossy(buf).into_owned();
-                    progress.event(ProgressEvent::Output { description: description.clone(), line: text });
+                    progress.event(ProgressEvent::Output {
+                        description: description.clone(),
+                        line: text,
+                    });
                 }
             }
             result.map_err(|e| match e {
                 strata_sandbox::Error::Exit { code } => {
-                    format!("process \"{}\" did not complete successfully: exit code: {code}", exec.args.join(" "))
+                    format!(
+                        "process \"{}\" did not complete successfully: exit code: {code}",
+                        exec.args.join(" ")
+                    )
                 }
                 other => other.to_string(),
             })
@@ -356,14 +391,19 @@ impl RealWorker {
         }
         let result = self.with_active(&parent, key, BTreeMap::new(), |active, mounts| {
             let target = self.mount_point(active)?;
-            let guard = MountGuard::mount(&mounts, &target).map_err(|e| format!("mount snapshot: {e}"))?;
+            let guard =
+                MountGuard::mount(&mounts, &target).map_err(|e| format!("mount snapshot: {e}"))?;
             let sources: Vec<Option<SourceRoot>> = roots
                 .iter()
                 .enumerate()
                 .map(|(i, r)| {
                     r.as_deref().map(|path| SourceRoot {
                         path,
-                        ignore: if is_context[i] { self.ignore.as_ref() } else { None },
+                        ignore: if is_context[i] {
+                            self.ignore.as_ref()
+                        } else {
+                            None
+                        },
                         is_context: is_context[i],
                     })
                 })
@@ -385,25 +425,41 @@ impl RealWorker {
 }
 
 fn nanos() -> u128 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0)
 }
 
 fn input_snapshot(inputs: &[Ref], i: u32) -> Result<String, String> {
     match inputs.get(i as usize) {
-        Some(r) => r.snapshot_name().map(str::to_string).ok_or_else(|| "a local directory cannot be a root filesystem".into()),
+        Some(r) => r
+            .snapshot_name()
+            .map(str::to_string)
+            .ok_or_else(|| "a local directory cannot be a root filesystem".into()),
         None => Err(format!("missing input {i}")),
     }
 }
 
 impl Worker for RealWorker {
-    fn content_key(&self, node: &Node, local_inputs: &[Option<&Ref>]) -> Result<Option<[u8; 32]>, String> {
-        let Op::File(op) = &node.op else { return Ok(None) };
+    fn content_key(
+        &self,
+        node: &Node,
+        local_inputs: &[Option<&Ref>],
+    ) -> Result<Option<[u8; 32]>, String> {
+        let Op::File(op) = &node.op else {
+            return Ok(None);
+        };
         let mut hasher = blake3::Hasher::new();
         let mut any = false;
         for action in &op.actions {
             if let FileAction::Copy(c) = action {
                 if let Some(Some(Ref::Local(path))) = local_inputs.get(c.src_input as usize) {
-                    let root = SourceRoot { path, ignore: self.ignore.as_ref(), is_context: true };
+                    let root = SourceRoot {
+                        path,
+                        ignore: self.ignore.as_ref(),
+                        is_context: true,
+                    };
                     let sum = checksum(&root, c, &self.stat_cache).map_err(|e| e.to_string())?;
                     hasher.update(&sum);
                     any = true;
@@ -420,9 +476,18 @@ impl Worker for RealWorker {
         }
     }
 
-    fn exec(&self, node: &Node, meta: &NodeMeta, key: &CacheKey, inputs: &[Ref], progress: &dyn Progress) -> Result<Ref, String> {
+    fn exec(
+        &self,
+        node: &Node,
+        meta: &NodeMeta,
+        key: &CacheKey,
+        inputs: &[Ref],
+        progress: &dyn Progress,
+    ) -> Result<Ref, String> {
         match &node.op {
-            Op::Source(SourceOp::Image { reference }) => self.pull(reference, progress, &meta.description),
+            Op::Source(SourceOp::Image { reference }) => {
+                self.pull(reference, progress, &meta.description)
+            }
             Op::Source(SourceOp::Local { .. }) => Ok(Ref::Local(self.context_dir.clone())),
             Op::Exec(exec) => self.exec_run(exec, meta, key, inputs, progress),
             Op::File(op) => self.exec_file(op, key, inputs),

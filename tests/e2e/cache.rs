@@ -11,16 +11,28 @@ fn rebuild_runs_nothing_and_a_changed_file_reruns_only_from_its_copy() {
     let first = env.build_ok(&["-t", "cache:1", ctx_s]);
     let ran = executed_steps(&first);
     assert!(ran.iter().any(|s| s.contains("RUN echo")), "{ran:?}");
-    assert!(ran.iter().any(|s| s.contains("COPY greeting.txt")), "{ran:?}");
+    assert!(
+        ran.iter().any(|s| s.contains("COPY greeting.txt")),
+        "{ran:?}"
+    );
 
     let second = env.build_ok(&["-t", "cache:1", ctx_s]);
-    assert_eq!(executed_steps(&second), Vec::<String>::new(), "a rebuild executed steps");
+    assert_eq!(
+        executed_steps(&second),
+        Vec::<String>::new(),
+        "a rebuild executed steps"
+    );
     assert!(!cached_steps(&second).is_empty(), "{second}");
 
     // A touch changes no content: still all cached.
     let f = ctx.join("greeting.txt");
     let later = std::time::SystemTime::now() + std::time::Duration::from_secs(5);
-    std::fs::File::options().write(true).open(&f).unwrap().set_modified(later).unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&f)
+        .unwrap()
+        .set_modified(later)
+        .unwrap();
     let touched = env.build_ok(&["-t", "cache:1", ctx_s]);
     assert_eq!(executed_steps(&touched), Vec::<String>::new());
 

@@ -22,7 +22,10 @@ pub fn registry() -> String {
 
 /// A unique suffix for names pushed to the shared registry.
 pub fn unique() -> String {
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
     format!("{}-{}", std::process::id(), nanos)
 }
 
@@ -33,7 +36,12 @@ pub struct TestEnv {
 
 impl TestEnv {
     pub fn new() -> Self {
-        TestEnv { dir: tempfile::Builder::new().prefix("strata-e2e-").tempdir().unwrap() }
+        TestEnv {
+            dir: tempfile::Builder::new()
+                .prefix("strata-e2e-")
+                .tempdir()
+                .unwrap(),
+        }
     }
 
     pub fn root(&self) -> PathBuf {
@@ -52,7 +60,13 @@ impl TestEnv {
 
     /// Runs `strata build ARGS` and returns its output (not asserting success).
     pub fn build(&self, args: &[&str]) -> Output {
-        let out = self.strata().arg("build").arg("--progress=plain").args(args).output().unwrap();
+        let out = self
+            .strata()
+            .arg("build")
+            .arg("--progress=plain")
+            .args(args)
+            .output()
+            .unwrap();
         eprintln!(
             "strata build {:?}: {}\n--- stderr ---\n{}",
             args,
@@ -64,14 +78,23 @@ impl TestEnv {
 
     pub fn build_ok(&self, args: &[&str]) -> String {
         let out = self.build(args);
-        assert!(out.status.success(), "build failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "build failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8_lossy(&out.stderr).into_owned()
     }
 
     /// Copies a directory into the scratch dir and returns the copy's path.
     pub fn copy_context(&self, src: &Path, name: &str) -> PathBuf {
         let dest = self.path(name);
-        let status = Command::new("cp").arg("-a").arg(src).arg(&dest).status().unwrap();
+        let status = Command::new("cp")
+            .arg("-a")
+            .arg(src)
+            .arg(&dest)
+            .status()
+            .unwrap();
         assert!(status.success());
         dest
     }
@@ -80,18 +103,30 @@ impl TestEnv {
     pub fn unpack_oci_archive(&self, tar: &Path, name: &str) -> PathBuf {
         let layout = self.path(&format!("{name}-layout"));
         let bundle = self.path(&format!("{name}-bundle"));
-        run_ok(Command::new("skopeo").arg("copy").arg("-q").arg(format!("oci-archive:{}", tar.display())).arg(format!(
-            "oci:{}:img",
-            layout.display()
-        )));
-        run_ok(Command::new("umoci").arg("unpack").arg("--image").arg(format!("{}:img", layout.display())).arg(&bundle));
+        run_ok(
+            Command::new("skopeo")
+                .arg("copy")
+                .arg("-q")
+                .arg(format!("oci-archive:{}", tar.display()))
+                .arg(format!("oci:{}:img", layout.display())),
+        );
+        run_ok(
+            Command::new("umoci")
+                .arg("unpack")
+                .arg("--image")
+                .arg(format!("{}:img", layout.display()))
+                .arg(&bundle),
+        );
         bundle.join("rootfs")
     }
 
     /// The image config of an OCI archive, read by skopeo.
     pub fn oci_archive_config(&self, tar: &Path) -> serde_json::Value {
         let out = run_ok(
-            Command::new("skopeo").arg("inspect").arg("--config").arg(format!("oci-archive:{}", tar.display())),
+            Command::new("skopeo")
+                .arg("inspect")
+                .arg("--config")
+                .arg(format!("oci-archive:{}", tar.display())),
         );
         serde_json::from_slice(&out.stdout).unwrap()
     }
@@ -124,10 +159,16 @@ pub fn executed_steps(stderr: &str) -> Vec<String> {
     let mut names = std::collections::HashMap::new();
     let mut done = Vec::new();
     for line in stderr.lines() {
-        let Some(rest) = line.strip_prefix('#') else { continue };
-        let Some((id, text)) = rest.split_once(' ') else { continue };
+        let Some(rest) = line.strip_prefix('#') else {
+            continue;
+        };
+        let Some((id, text)) = rest.split_once(' ') else {
+            continue;
+        };
         if text.starts_with('[') {
-            names.entry(id.to_string()).or_insert_with(|| text.to_string());
+            names
+                .entry(id.to_string())
+                .or_insert_with(|| text.to_string());
         } else if text.starts_with("DONE") {
             if let Some(n) = names.get(id) {
                 done.push(n.clone());
@@ -141,10 +182,16 @@ pub fn cached_steps(stderr: &str) -> Vec<String> {
     let mut names = std::collections::HashMap::new();
     let mut cached = Vec::new();
     for line in stderr.lines() {
-        let Some(rest) = line.strip_prefix('#') else { continue };
-        let Some((id, text)) = rest.split_once(' ') else { continue };
+        let Some(rest) = line.strip_prefix('#') else {
+            continue;
+        };
+        let Some((id, text)) = rest.split_once(' ') else {
+            continue;
+        };
         if text.starts_with('[') {
-            names.entry(id.to_string()).or_insert_with(|| text.to_string());
+            names
+                .entry(id.to_string())
+                .or_insert_with(|| text.to_string());
         } else if text == "CACHED" {
             if let Some(n) = names.get(id) {
                 cached.push(n.clone());

@@ -12,7 +12,9 @@ use std::process::Command;
 use crate::common::*;
 
 fn builds_dir() -> PathBuf {
-    std::env::var_os("STRATA_BUILDS_DIR").map(PathBuf::from).unwrap_or_else(|| shared_dir().join("conformance/builds"))
+    std::env::var_os("STRATA_BUILDS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| shared_dir().join("conformance/builds"))
 }
 
 #[test]
@@ -39,7 +41,10 @@ fn conformance_builds_match_buildkit() {
         .arg("strata")
         .args(&cases)
         .env("STRATA", strata_bin())
-        .env("STRATA_BUILD_FLAGS", format!("--root {}", env.root().display()))
+        .env(
+            "STRATA_BUILD_FLAGS",
+            format!("--root {}", env.root().display()),
+        )
         .env("TMPDIR", env.dir.path())
         .output()
         .unwrap();
@@ -50,19 +55,29 @@ fn conformance_builds_match_buildkit() {
     let mut passed = 0;
     for line in stdout.lines() {
         let mut words = line.split_whitespace();
-        let (Some(status), Some(name)) = (words.next(), words.next()) else { continue };
+        let (Some(status), Some(name)) = (words.next(), words.next()) else {
+            continue;
+        };
         let name = name.trim_end_matches(':');
         match status {
             "ok" | "ok-error" => {
                 passed += 1;
                 if xfail.iter().any(|x| x == name) {
-                    unexpected.push(format!("{name} passed but is listed in STRATA_CONFORMANCE_XFAIL"));
+                    unexpected.push(format!(
+                        "{name} passed but is listed in STRATA_CONFORMANCE_XFAIL"
+                    ));
                 }
             }
-            "FAIL" | "UNSTABLE" if !xfail.iter().any(|x| x == name) => unexpected.push(line.to_string()),
+            "FAIL" | "UNSTABLE" if !xfail.iter().any(|x| x == name) => {
+                unexpected.push(line.to_string())
+            }
             _ => {}
         }
     }
     assert!(passed > 0, "no case passed:\n{stdout}");
-    assert!(unexpected.is_empty(), "conformance failures:\n{}", unexpected.join("\n"));
+    assert!(
+        unexpected.is_empty(),
+        "conformance failures:\n{}",
+        unexpected.join("\n")
+    );
 }

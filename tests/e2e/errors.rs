@@ -12,7 +12,13 @@ fn context_with(env: &TestEnv, dockerfile: &str) -> std::path::PathBuf {
 #[test]
 fn failing_run_reports_command_and_exit_code() {
     let env = TestEnv::new();
-    let ctx = context_with(&env, &format!("FROM {}/busybox:latest\nRUN echo before && exit 3\n", registry()));
+    let ctx = context_with(
+        &env,
+        &format!(
+            "FROM {}/busybox:latest\nRUN echo before && exit 3\n",
+            registry()
+        ),
+    );
     let out = env.build(&[ctx.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
@@ -28,7 +34,10 @@ fn unknown_instruction_names_it_and_its_line() {
     let out = env.build(&[ctx.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.to_lowercase().contains("unknown instruction: froob"), "{err}");
+    assert!(
+        err.to_lowercase().contains("unknown instruction: froob"),
+        "{err}"
+    );
     assert!(err.contains("Dockerfile:3"), "{err}");
 }
 
@@ -36,7 +45,11 @@ fn unknown_instruction_names_it_and_its_line() {
 fn unsupported_output_type_is_named() {
     let env = TestEnv::new();
     let ctx = context_with(&env, "FROM scratch\n");
-    let out = env.build(&["--output", "type=tar,dest=/tmp/x.tar", ctx.to_str().unwrap()]);
+    let out = env.build(&[
+        "--output",
+        "type=tar,dest=/tmp/x.tar",
+        ctx.to_str().unwrap(),
+    ]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("\"tar\""), "{err}");
@@ -45,9 +58,15 @@ fn unsupported_output_type_is_named() {
 #[test]
 fn missing_copy_source_fails_with_its_path() {
     let env = TestEnv::new();
-    let ctx = context_with(&env, &format!("FROM {}/busybox:latest\nCOPY missing.txt /\n", registry()));
+    let ctx = context_with(
+        &env,
+        &format!("FROM {}/busybox:latest\nCOPY missing.txt /\n", registry()),
+    );
     let out = env.build(&[ctx.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("\"/missing.txt\"") && err.contains("not found"), "{err}");
+    assert!(
+        err.contains("\"/missing.txt\"") && err.contains("not found"),
+        "{err}"
+    );
 }

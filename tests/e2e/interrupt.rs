@@ -11,7 +11,10 @@ fn slow_context(env: &TestEnv) -> std::path::PathBuf {
     std::fs::write(dir.join("a.txt"), "a\n").unwrap();
     std::fs::write(
         dir.join("Dockerfile"),
-        format!("FROM {}/busybox:latest\nCOPY a.txt /a.txt\nRUN echo started-slow-step && sleep 30\n", registry()),
+        format!(
+            "FROM {}/busybox:latest\nCOPY a.txt /a.txt\nRUN echo started-slow-step && sleep 30\n",
+            registry()
+        ),
     )
     .unwrap();
     dir
@@ -20,12 +23,18 @@ fn slow_context(env: &TestEnv) -> std::path::PathBuf {
 fn wait_for_step(stderr_path: &std::path::Path) {
     let deadline = Instant::now() + Duration::from_secs(60);
     while Instant::now() < deadline {
-        if std::fs::read_to_string(stderr_path).unwrap_or_default().contains("started-slow-step") {
+        if std::fs::read_to_string(stderr_path)
+            .unwrap_or_default()
+            .contains("started-slow-step")
+        {
             return;
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    panic!("the slow step never started: {}", std::fs::read_to_string(stderr_path).unwrap_or_default());
+    panic!(
+        "the slow step never started: {}",
+        std::fs::read_to_string(stderr_path).unwrap_or_default()
+    );
 }
 
 fn interrupt_with(signal: libc::c_int) {
@@ -45,20 +54,47 @@ fn interrupt_with(signal: libc::c_int) {
     }
     let started = Instant::now();
     let status = child.wait().unwrap();
-    assert!(started.elapsed() < Duration::from_secs(20), "the build did not stop promptly");
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "the build did not stop promptly"
+    );
     if signal == libc::SIGINT {
-        assert_eq!(status.code(), Some(130), "{}", std::fs::read_to_string(&log).unwrap());
+        assert_eq!(
+            status.code(),
+            Some(130),
+            "{}",
+            std::fs::read_to_string(&log).unwrap()
+        );
     }
     // Give the sandbox (which dies with its parent) a moment, then check for leftovers.
     std::thread::sleep(Duration::from_millis(500));
     let next = env.path("next");
     std::fs::create_dir_all(&next).unwrap();
-    std::fs::write(next.join("Dockerfile"), format!("FROM {}/busybox:latest\nRUN echo next-build-ok\n", registry())).unwrap();
+    std::fs::write(
+        next.join("Dockerfile"),
+        format!(
+            "FROM {}/busybox:latest\nRUN echo next-build-ok\n",
+            registry()
+        ),
+    )
+    .unwrap();
     let out = env.build_ok(&[next.to_str().unwrap()]);
     assert!(out.contains("next-build-ok"), "{out}");
-    assert_eq!(mounts_under(&env.root()), Vec::<String>::new(), "mounts left behind");
-    let ps = std::process::Command::new("ps").args(["-eo", "args"]).output().unwrap();
-    assert!(!String::from_utf8_lossy(&ps.stdout).lines().any(|l| l.contains("started-slow-step")), "sandboxed process survived");
+    assert_eq!(
+        mounts_under(&env.root()),
+        Vec::<String>::new(),
+        "mounts left behind"
+    );
+    let ps = std::process::Command::new("ps")
+        .args(["-eo", "args"])
+        .output()
+        .unwrap();
+    assert!(
+        !String::from_utf8_lossy(&ps.stdout)
+            .lines()
+            .any(|l| l.contains("started-slow-step")),
+        "sandboxed process survived"
+    );
 }
 
 #[test]

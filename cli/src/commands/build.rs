@@ -62,7 +62,10 @@ fn parse_output(spec: &str) -> Result<Output> {
         let (k, v) = part.split_once('=').unwrap_or(("type", part));
         fields.insert(k.trim().to_string(), v.trim().to_string());
     }
-    let kind = fields.get("type").cloned().unwrap_or_else(|| "local".into());
+    let kind = fields
+        .get("type")
+        .cloned()
+        .unwrap_or_else(|| "local".into());
     let dest = || -> Result<PathBuf> {
         fields
             .get("dest")
@@ -79,7 +82,9 @@ fn parse_output(spec: &str) -> Result<Output> {
         },
         "local" => Ok(Output::Local(dest()?)),
         "tar" => bail!("output type \"tar\" is not supported yet"),
-        other => bail!("unknown output type \"{other}\" (want image, registry, oci, docker or local)"),
+        other => {
+            bail!("unknown output type \"{other}\" (want image, registry, oci, docker or local)")
+        }
     }
 }
 
@@ -90,9 +95,16 @@ struct RegistryResolver<'a> {
 impl ImageResolver for RegistryResolver<'_> {
     fn resolve(&self, reference: &str, platform: &Platform) -> Result<ResolvedImage, String> {
         let r = Reference::parse(reference).map_err(|e| e.to_string())?;
-        let resolved = self.client.resolve(&r, platform).map_err(|e| e.to_string())?;
-        let config = ImageConfig::from_json(&resolved.config_bytes).map_err(|e| format!("parse image config: {e}"))?;
-        let pinned = format!("{}/{}@{}", r.registry, r.repository, resolved.manifest_digest);
+        let resolved = self
+            .client
+            .resolve(&r, platform)
+            .map_err(|e| e.to_string())?;
+        let config = ImageConfig::from_json(&resolved.config_bytes)
+            .map_err(|e| format!("parse image config: {e}"))?;
+        let pinned = format!(
+            "{}/{}@{}",
+            r.registry, r.repository, resolved.manifest_digest
+        );
         Ok(ResolvedImage { pinned, config })
     }
 }
@@ -147,17 +159,29 @@ pub fn run(cli: &Cli, args: &BuildArgs) -> Result<i32> {
             bail!("platform {p} is not supported yet (only linux/amd64)");
         }
     }
-    let context = args.context.canonicalize().with_context(|| format!("context {}", args.context.display()))?;
+    let context = args
+        .context
+        .canonicalize()
+        .with_context(|| format!("context {}", args.context.display()))?;
     if !context.is_dir() {
         bail!("context {} is not a directory", context.display());
     }
-    let dockerfile_path = args.file.clone().unwrap_or_else(|| context.join("Dockerfile"));
+    let dockerfile_path = args
+        .file
+        .clone()
+        .unwrap_or_else(|| context.join("Dockerfile"));
     let dockerfile_text = std::fs::read_to_string(&dockerfile_path)
         .with_context(|| format!("failed to read dockerfile {}", dockerfile_path.display()))?;
-    let dockerfile_name =
-        dockerfile_path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "Dockerfile".into());
+    let dockerfile_name = dockerfile_path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "Dockerfile".into());
 
-    let mut outputs: Vec<Output> = args.outputs.iter().map(|o| parse_output(o)).collect::<Result<_>>()?;
+    let mut outputs: Vec<Output> = args
+        .outputs
+        .iter()
+        .map(|o| parse_output(o))
+        .collect::<Result<_>>()?;
     if args.push {
         outputs.push(Output::Registry);
     }
@@ -173,10 +197,15 @@ pub fn run(cli: &Cli, args: &BuildArgs) -> Result<i32> {
         .get("SOURCE_DATE_EPOCH")
         .cloned()
         .or_else(|| std::env::var("SOURCE_DATE_EPOCH").ok())
-        .map(|s| s.parse::<i64>().map_err(|_| anyhow!("invalid SOURCE_DATE_EPOCH {s:?}")))
+        .map(|s| {
+            s.parse::<i64>()
+                .map_err(|_| anyhow!("invalid SOURCE_DATE_EPOCH {s:?}"))
+        })
         .transpose()?;
 
-    let client = Client::new(ClientConfig { insecure: cli.insecure_registries.clone() });
+    let client = Client::new(ClientConfig {
+        insecure: cli.insecure_registries.clone(),
+    });
     let ignore_patterns = read_dockerignore(&dockerfile_path, &context)?;
     let opts = ConvertOptions {
         build_args,
@@ -189,12 +218,24 @@ pub fn run(cli: &Cli, args: &BuildArgs) -> Result<i32> {
     };
     let quiet = args.quiet || args.progress == ProgressMode::Quiet;
     let progress = PlainProgress::new(quiet);
-    progress.event(ProgressEvent::Started { description: format!("[internal] load build definition from {dockerfile_name}") });
-    let plan = match convert(&dockerfile_text, &opts, &RegistryResolver { client: &client }) {
+    progress.event(ProgressEvent::Started {
+        description: format!("[internal] load build definition from {dockerfile_name}"),
+    });
+    let plan = match convert(
+        &dockerfile_text,
+        &opts,
+        &RegistryResolver { client: &client },
+    ) {
         Ok(p) => p,
         Err(e) => {
             let msg = match e.location {
-                Some(l) => diagnostics::render(&dockerfile_name, &dockerfile_text, l.start_line, l.end_line, &e.message),
+                Some(l) => diagnostics::render(
+                    &dockerfile_name,
+                    &dockerfile_text,
+                    l.start_line,
+                    l.end_line,
+                    &e.message,
+                ),
                 None => format!("ERROR: {}", e.message),
             };
             eprintln!("{msg}");
@@ -202,7 +243,10 @@ pub fn run(cli: &Cli, args: &BuildArgs) -> Result<i32> {
         }
     };
     for w in &plan.warnings {
-        let at = w.location.map(|l| format!(" (line {})", l.start_line)).unwrap_or_default();
+        let at = w
+            .location
+            .map(|l| format!(" (line {})", l.start_line))
+            .unwrap_or_default();
         eprintln!(" 1 warning found{at}: {}", w.message);
     }
     for a in &plan.unused_build_args {
@@ -228,9 +272,11 @@ pub fn run(cli: &Cli, args: &BuildArgs) -> Result<i32> {
         ignore,
         stat_cache.clone(),
     );
-    let parallelism = args
-        .max_parallelism
-        .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2));
+    let parallelism = args.max_parallelism.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2)
+    });
     let solver = Solver::new(&worker, &store.cache, &progress, parallelism, &CANCELLED);
     let solved = solver.solve(&plan.definition);
     let _ = stat_cache.save();
@@ -240,12 +286,22 @@ pub fn run(cli: &Cli, args: &BuildArgs) -> Result<i32> {
             eprintln!("ERROR: build cancelled");
             return Ok(130);
         }
-        Err(strata_solver::Error::Step { step, message, location }) => {
+        Err(strata_solver::Error::Step {
+            step,
+            message,
+            location,
+        }) => {
             let msg = format!("failed to solve: {step}: {message}");
             match location {
                 Some(l) => eprintln!(
                     "{}",
-                    diagnostics::render(&dockerfile_name, &dockerfile_text, l.start_line, l.end_line, &msg)
+                    diagnostics::render(
+                        &dockerfile_name,
+                        &dockerfile_text,
+                        l.start_line,
+                        l.end_line,
+                        &msg
+                    )
                 ),
                 None => eprintln!("ERROR: {msg}"),
             }
@@ -260,27 +316,40 @@ pub fn run(cli: &Cli, args: &BuildArgs) -> Result<i32> {
     let epoch = source_date_epoch;
     let exported = export_image(&store, &worker, &result, plan.image, epoch, &progress)?;
     let digest = exported.manifest_digest.to_string();
-    progress.event(ProgressEvent::Info { message: format!("#exporting writing image {digest} done") });
+    progress.event(ProgressEvent::Info {
+        message: format!("#exporting writing image {digest} done"),
+    });
     for out in &outputs {
         match out {
             Output::Image => {
                 let images = ImageStore::open(&store.images_dir())?;
                 let created = chrono::Utc::now().timestamp();
                 if args.tags.is_empty() {
-                    images.tag(&format!("<none>@{}", exported.config_digest), &exported, created)?;
+                    images.tag(
+                        &format!("<none>@{}", exported.config_digest),
+                        &exported,
+                        created,
+                    )?;
                 }
                 for t in &args.tags {
                     images.tag(t, &exported, created)?;
-                    progress.event(ProgressEvent::Info { message: format!("naming to {t} done") });
+                    progress.event(ProgressEvent::Info {
+                        message: format!("naming to {t} done"),
+                    });
                 }
             }
             Output::Registry => {
-                let client = Client::new(ClientConfig { insecure: cli.insecure_registries.clone() });
+                let client = Client::new(ClientConfig {
+                    insecure: cli.insecure_registries.clone(),
+                });
                 for t in &args.tags {
                     let reference = Reference::parse(t).map_err(|e| anyhow!("{e}"))?;
-                    let pushed = strata_exporter::push_image(&client, &store.content, &exported, &reference)
-                        .with_context(|| format!("push {t}"))?;
-                    progress.event(ProgressEvent::Info { message: format!("pushing {t} {pushed} done") });
+                    let pushed =
+                        strata_exporter::push_image(&client, &store.content, &exported, &reference)
+                            .with_context(|| format!("push {t}"))?;
+                    progress.event(ProgressEvent::Info {
+                        message: format!("pushing {t} {pushed} done"),
+                    });
                 }
             }
             Output::Oci(dest) => {
@@ -339,7 +408,9 @@ fn export_image(
                     &upper,
                     &store.content,
                     &Compression::default(),
-                    &DiffOptions { source_date_epoch: epoch },
+                    &DiffOptions {
+                        source_date_epoch: epoch,
+                    },
                 )?;
                 let mut labels = BTreeMap::new();
                 labels.insert(LABEL_BLOB.to_string(), serde_json::to_string(&b)?);
@@ -358,15 +429,28 @@ fn export_image(
     }
     image.rootfs.kind = "layers".into();
     image.rootfs.diff_ids = layers.iter().map(|l| l.diff_id.to_string()).collect();
-    progress.event(ProgressEvent::Info { message: format!("#exporting {} layers", layers.len()) });
-    Ok(strata_exporter::write_image_config(&store.content, &layers, &image, true)?)
+    progress.event(ProgressEvent::Info {
+        message: format!("#exporting {} layers", layers.len()),
+    });
+    Ok(strata_exporter::write_image_config(
+        &store.content,
+        &layers,
+        &image,
+        true,
+    )?)
 }
 
 /// `--output type=local,dest=DIR`: the final root filesystem, copied out of a read-only view.
 fn export_local(store: &Store, result: &Ref, dest: &Path) -> Result<()> {
     std::fs::create_dir_all(dest)?;
-    let Ref::Snapshot(name) = result else { return Ok(()) };
-    let key = format!("export-{}-{}", std::process::id(), chrono::Utc::now().timestamp_nanos_opt().unwrap_or(0));
+    let Ref::Snapshot(name) = result else {
+        return Ok(());
+    };
+    let key = format!(
+        "export-{}-{}",
+        std::process::id(),
+        chrono::Utc::now().timestamp_nanos_opt().unwrap_or(0)
+    );
     let mounts = store.snapshotter.view(&key, name)?;
     let target = store.mounts_dir.join(&key);
     std::fs::create_dir_all(&target)?;

@@ -12,24 +12,37 @@ struct OfflineResolver;
 impl ImageResolver for OfflineResolver {
     fn resolve(&self, reference: &str, _platform: &Platform) -> Result<ResolvedImage, String> {
         let digest = strata_dag::Digest::of(reference.as_bytes());
-        Ok(ResolvedImage { pinned: format!("{reference}@{digest}"), config: Default::default() })
+        Ok(ResolvedImage {
+            pinned: format!("{reference}@{digest}"),
+            config: Default::default(),
+        })
     }
 }
 
 pub fn run(what: &DebugCommand) -> Result<i32> {
     match what {
         DebugCommand::Ast { file } => {
-            let text = std::fs::read_to_string(file).with_context(|| format!("read {}", file.display()))?;
-            let parsed = strata_frontend::parser::parse(&text).map_err(|e| anyhow!("{}:{}: {}", file.display(), e.line, e.message))?;
+            let text = std::fs::read_to_string(file)
+                .with_context(|| format!("read {}", file.display()))?;
+            let parsed = strata_frontend::parser::parse(&text)
+                .map_err(|e| anyhow!("{}:{}: {}", file.display(), e.line, e.message))?;
             println!("{}", parsed.root.dump());
             Ok(0)
         }
-        DebugCommand::Dag { file, build_args, target } => {
-            let text = std::fs::read_to_string(file).with_context(|| format!("read {}", file.display()))?;
+        DebugCommand::Dag {
+            file,
+            build_args,
+            target,
+        } => {
+            let text = std::fs::read_to_string(file)
+                .with_context(|| format!("read {}", file.display()))?;
             let opts = ConvertOptions {
                 build_args: build_args
                     .iter()
-                    .filter_map(|a| a.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())))
+                    .filter_map(|a| {
+                        a.split_once('=')
+                            .map(|(k, v)| (k.to_string(), v.to_string()))
+                    })
                     .collect(),
                 target: target.clone(),
                 dockerfile_name: file.display().to_string(),

@@ -37,7 +37,10 @@ pub fn collect(store: &Store, all: bool) -> Result<(usize, usize, usize)> {
             if !live.insert(name.clone()) {
                 break;
             }
-            next = infos.get(&name).and_then(|i| i.parent.clone()).filter(|p| !p.is_empty());
+            next = infos
+                .get(&name)
+                .and_then(|i| i.parent.clone())
+                .filter(|p| !p.is_empty());
         }
     }
     // Remove children before parents: repeat until nothing more can go.
@@ -79,7 +82,11 @@ pub fn collect(store: &Store, all: bool) -> Result<(usize, usize, usize)> {
         if let Some(b) = info.labels.get(LABEL_BLOB) {
             if let Some(d) = serde_json::from_str::<serde_json::Value>(b)
                 .ok()
-                .and_then(|v| v.get("digest").and_then(|d| d.as_str()).and_then(Digest::parse))
+                .and_then(|v| {
+                    v.get("digest")
+                        .and_then(|d| d.as_str())
+                        .and_then(Digest::parse)
+                })
             {
                 keep.insert(d);
             }
@@ -104,7 +111,9 @@ pub fn collect(store: &Store, all: bool) -> Result<(usize, usize, usize)> {
 fn is_stale(name: &str) -> bool {
     let pid = name.split('-').nth(1).and_then(|p| p.parse::<u32>().ok());
     match pid {
-        Some(pid) => pid != std::process::id() && !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+        Some(pid) => {
+            pid != std::process::id() && !std::path::Path::new(&format!("/proc/{pid}")).exists()
+        }
         None => true,
     }
 }

@@ -35,9 +35,18 @@ fn human_age(created: i64) -> String {
 
 pub fn list(cli: &Cli) -> Result<i32> {
     let images = ImageStore::open(&cli.root.join("images"))?;
-    println!("{:<40} {:<20} {:<14} {:<24} {}", "NAME", "TAG", "ID", "CREATED", "SIZE");
+    println!(
+        "{:<40} {:<20} {:<14} {:<24} SIZE",
+        "NAME", "TAG", "ID", "CREATED"
+    );
     for img in images.list()? {
-        let id = img.record.config_digest.hex().chars().take(12).collect::<String>();
+        let id = img
+            .record
+            .config_digest
+            .hex()
+            .chars()
+            .take(12)
+            .collect::<String>();
         println!(
             "{:<40} {:<20} {:<14} {:<24} {}",
             img.name,
@@ -89,6 +98,9 @@ pub fn logout(registry: &str) -> Result<i32> {
 pub fn prune(cli: &Cli, all: bool) -> Result<i32> {
     let store = Store::open(&cli.root)?;
     let removed = crate::commands::gc::collect(&store, all)?;
-    println!("Total reclaimed: {} snapshots, {} blobs, {} cache records", removed.0, removed.1, removed.2);
+    println!(
+        "Total reclaimed: {} snapshots, {} blobs, {} cache records",
+        removed.0, removed.1, removed.2
+    );
     Ok(0)
 }

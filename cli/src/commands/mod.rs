@@ -1,8 +1,8 @@
 //! One module per command.
 
 mod build;
-mod gc;
 mod debug;
+mod gc;
 mod images;
 
 use anyhow::Result;
@@ -14,9 +14,12 @@ pub fn dispatch(cli: Cli) -> Result<i32> {
         Command::Build(args) => build::run(&cli, args),
         Command::Images => images::list(&cli),
         Command::Rmi { names } => images::remove(&cli, names),
-        Command::Login { registry, username, password, password_stdin } => {
-            images::login(registry, username, password.as_deref(), *password_stdin)
-        }
+        Command::Login {
+            registry,
+            username,
+            password,
+            password_stdin,
+        } => images::login(registry, username, password.as_deref(), *password_stdin),
         Command::Logout { registry } => images::logout(registry),
         Command::Prune { all } => images::prune(&cli, *all),
         Command::Debug { what } => debug::run(what),
