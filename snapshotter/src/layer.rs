@@ -363,7 +363,15 @@ fn set_meta(dir: &OwnedFd, name: &[u8], meta: &Meta, symlink: bool) -> io::Resul
         check(unsafe { libc::fchmodat(dir.as_raw_fd(), c.as_ptr(), meta.mode, 0) })?;
     }
     for (k, v) in &meta.xattrs {
-        xattr::set(proc_path(dir, name), k, v)?;
+        match xattr::set(proc_path(dir, name), k, v) {
+            Ok(()) => {}
+            // As Docker does: an xattr the filesystem cannot hold (or `user.*` on a
+            // symlink, which Linux forbids) is dropped rather than failing the layer.
+            Err(e)
+                if e.raw_os_error() == Some(libc::ENOTSUP)
+                    || (symlink && e.raw_os_error() == Some(libc::EPERM)) => {}
+            Err(e) => return Err(e),
+        }
     }
     Ok(())
 }

@@ -5,6 +5,9 @@
 //!   never mounts anything itself; [`mount::mount_all`] does that for the caller.
 //! - [`content::ContentStore`]: blobs under `blobs/sha256/<hex>`, the OCI layout.
 //! - [`layer`]: OCI layer tar -> snapshot directory (apply) and upper dir -> tar (diff).
+//! - [`mount`]: performs [`Mount`]s (the only mount(2) caller), including the
+//!   [`mount::CHDIR_OPTION`] the snapshotter emits for chains too deep for one page of
+//!   absolute `lowerdir` paths.
 
 pub mod content;
 pub mod layer;
@@ -71,6 +74,7 @@ pub enum Error {
     },
     #[error("metadata store: {0}")]
     Metadata(String),
+    /// A redb operation failed; `action` names what was being done.
     #[error("metadata store: {action}")]
     Db {
         action: String,

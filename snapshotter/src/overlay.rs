@@ -5,7 +5,19 @@
 //! database, runs one transaction and closes it again, serialised by a mutex inside the
 //! process and by an exclusive `flock` on `metadata.lock` across processes. Two
 //! `strata build`s on one root simply take turns for the few milliseconds an operation
-//! lasts; the snapshot data itself needs no lock (each snapshot has its own directory).
+//! lasts (opening and closing redb costs a few fsyncs: about 5 ms for a read, 15-20 ms for
+//! a change on this VM); the snapshot data itself needs no lock (each snapshot has its own
+//! directory).
+//!
+//! Crash safety follows containerd: a snapshot directory is made as `snapshots/new-*` and
+//! renamed to its id inside the metadata transaction; removal renames it to `rm-<id>` in
+//! the transaction and deletes it afterwards. A crash can leave a stray `new-*` or `rm-*`
+//! directory, never a record without its data.
+//!
+//! Deep chains: mount(2) takes at most one page of options, which absolute `lowerdir`
+//! paths overflow at roughly 100 layers. Beyond that (or when the root path contains `,` `:`
+//! or `\`) the overlay mount names `snapshots/<id>/fs` relative to the root and carries
+//! [`CHDIR_OPTION`]`<root>`, which [`crate::mount::mount_all`] honours.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
@@ -147,10 +159,6 @@ impl Reader for ReadTransaction {
     }
 }
 
-fn get_record(tx: &impl Reader, key: &str) -> Result<Option<Record>> {
-    tx.record(key)
-}
-
 fn put_record(tx: &WriteTransaction, key: &str, rec: &Record) -> Result<()> {
     let bytes = encode(rec)?;
     let mut table = tx
@@ -162,12 +170,9 @@ fn put_record(tx: &WriteTransaction, key: &str, rec: &Record) -> Result<()> {
     Ok(())
 }
 
-fn all_records(tx: &impl Reader) -> Result<Vec<(String, Record)>> {
-    tx.records()
-}
-
 fn require(tx: &impl Reader, key: &str) -> Result<Record> {
-    get_record(tx, key)?.ok_or_else(|| Error::NotFound(key.to_string()))
+    tx.record(key)?
+        .ok_or_else(|| Error::NotFound(key.to_string()))
 }
 
 /// Ids of the committed ancestors of `rec`, nearest first.
@@ -175,7 +180,8 @@ fn parent_ids(tx: &impl Reader, rec: &Record) -> Result<Vec<u64>> {
     let mut ids = Vec::new();
     let mut next = rec.parent.clone();
     while let Some(p) = next {
-        let prec = get_record(tx, &p)?
+        let prec = tx
+            .record(&p)?
             .ok_or_else(|| Error::Metadata(format!("parent {p:?} of a snapshot is missing")))?;
         ids.push(prec.id);
         next = prec.parent;
@@ -286,7 +292,7 @@ impl OverlaySnapshotter {
         }
         let mut placed: Option<PathBuf> = None;
         let result = self.write(|tx| {
-            if get_record(tx, key)?.is_some() {
+            if tx.record(key)?.is_some() {
                 return Err(Error::AlreadyExists(key.to_string()));
             }
             let parent = if parent.is_empty() {
@@ -386,10 +392,14 @@ impl OverlaySnapshotter {
         };
         let root = format!("{}/", self.root.to_string_lossy());
         let absolute = options(&root);
-        let mut options = if absolute.join(",").len() <= MAX_MOUNT_DATA {
+        // overlayfs splits its options at ',' and lowerdir at ':'; a root containing them
+        // (or the '\\' escape) can only be named through the working directory.
+        let plain_root = !root.contains([',', ':', '\\']);
+        let mut options = if plain_root && absolute.join(",").len() <= MAX_MOUNT_DATA {
             absolute
         } else {
-            // Too long for one page: paths relative to the root, mounted from there.
+            // Too long for one page (or unsafe to spell out): paths relative to the root,
+            // mounted from there.
             let mut rel = options("");
             rel.push(format!("{CHDIR_OPTION}{}", self.root.to_string_lossy()));
             rel
@@ -432,7 +442,7 @@ impl Snapshotter for OverlaySnapshotter {
                     "snapshot {key:?} is not active"
                 )));
             }
-            if get_record(tx, name)?.is_some() {
+            if tx.record(name)?.is_some() {
                 return Err(Error::AlreadyExists(name.to_string()));
             }
             rec.kind = Kind::Committed;
@@ -450,7 +460,8 @@ impl Snapshotter for OverlaySnapshotter {
         let doomed = self.write(|tx| {
             let rec = require(tx, key)?;
             if rec.kind == Kind::Committed
-                && all_records(tx)?
+                && tx
+                    .records()?
                     .iter()
                     .any(|(_, r)| r.parent.as_deref() == Some(key))
             {
@@ -498,7 +509,7 @@ impl Snapshotter for OverlaySnapshotter {
     fn walk(&self, f: &mut dyn FnMut(&Info)) -> Result<()> {
         // Collected first so `f` may call back into the snapshotter without deadlocking.
         let infos: Vec<Info> =
-            self.write(|tx| Ok(all_records(tx)?.iter().map(|(k, r)| r.info(k)).collect()))?;
+            self.write(|tx| Ok(tx.records()?.iter().map(|(k, r)| r.info(k)).collect()))?;
         for info in &infos {
             f(info);
         }

@@ -453,3 +453,26 @@ fn unmount_all_under_cleans_stale_mounts() {
     let info = fs::read_to_string("/proc/self/mountinfo").unwrap();
     assert!(!info.contains(base.to_str().unwrap()));
 }
+
+/// A root whose path holds overlayfs' separators is mounted through `chdir=`.
+#[test]
+fn odd_root_path_still_mounts() {
+    let dir = tempfile::tempdir().unwrap();
+    let sn = OverlaySnapshotter::open(&dir.path().join("we,ird:root")).unwrap();
+    for (key, name, parent) in [("a", "A", ""), ("b", "B", "A")] {
+        sn.prepare(key, parent).unwrap();
+        fs::write(sn.upper_dir(key).unwrap().join(name), name).unwrap();
+        sn.commit(name, key, BTreeMap::new()).unwrap();
+    }
+    let m = sn.prepare("c", "B").unwrap();
+    assert!(m[0].options.iter().any(|o| o.starts_with(CHDIR_OPTION)));
+    assert!(m[0]
+        .options
+        .iter()
+        .all(|o| o.starts_with(CHDIR_OPTION) || !o.contains("we,ird")));
+    let t = dir.path().join("mnt");
+    fs::create_dir(&t).unwrap();
+    let _g = MountGuard::mount(&m, &t).unwrap();
+    assert_eq!(fs::read_to_string(t.join("A")).unwrap(), "A");
+    assert_eq!(fs::read_to_string(t.join("B")).unwrap(), "B");
+}
