@@ -245,57 +245,66 @@ fn contains_wildcards(name: &str) -> bool {
 pub(crate) fn glob_match(pattern: &str, name: &str) -> bool {
     let p: Vec<char> = pattern.chars().collect();
     let n: Vec<char> = name.chars().collect();
-    matches!(glob_at(&p, &n, 0), Ok(true))
+    if !glob_valid(&p) {
+        return false;
+    }
+    // Greedy matching with one backtrack point (the last `*`): linear-ish, never exponential.
+    let (mut pi, mut ni) = (0usize, 0usize);
+    let mut star: Option<(usize, usize)> = None;
+    while ni < n.len() {
+        if p.get(pi) == Some(&'*') {
+            star = Some((pi, ni));
+            pi += 1;
+            continue;
+        }
+        if let Some(next) = single_match(&p, pi, n[ni]) {
+            pi = next;
+            ni += 1;
+            continue;
+        }
+        match star {
+            Some((sp, sn)) => {
+                star = Some((sp, sn + 1));
+                pi = sp + 1;
+                ni = sn + 1;
+            }
+            None => return false,
+        }
+    }
+    while p.get(pi) == Some(&'*') {
+        pi += 1;
+    }
+    pi == p.len()
 }
 
-fn glob_at(p: &[char], n: &[char], depth: usize) -> Result<bool, ()> {
-    // Bounds pathological patterns (`*a*a*a...`) instead of exploring forever.
-    if depth > 10_000 {
-        return Err(());
-    }
-    let Some(&c) = p.first() else {
-        return Ok(n.is_empty());
-    };
-    match c {
-        '*' => {
-            let mut rest = p;
-            while rest.first() == Some(&'*') {
-                rest = &rest[1..];
-            }
-            for i in 0..=n.len() {
-                if glob_at(rest, &n[i..], depth + 1)? {
-                    return Ok(true);
-                }
-            }
-            Ok(false)
-        }
-        '?' => match n.first() {
-            Some(_) => glob_at(&p[1..], &n[1..], depth + 1),
-            None => Ok(false),
-        },
+/// If the pattern token at `pi` (not `*`) matches `c`, the index after the token.
+fn single_match(p: &[char], pi: usize, c: char) -> Option<usize> {
+    match *p.get(pi)? {
+        '*' => None,
+        '?' => Some(pi + 1),
         '[' => {
-            let (matched, used) = match_class(&p[1..], n.first().copied())?;
-            match n.first() {
-                Some(_) if matched => glob_at(&p[1 + used..], &n[1..], depth + 1),
-                _ => Ok(false),
-            }
+            let (matched, used) = match_class(&p[pi + 1..], Some(c)).ok()?;
+            matched.then_some(pi + 1 + used)
         }
-        '\\' => {
-            let lit = *p.get(1).ok_or(())?;
-            if n.first() == Some(&lit) {
-                glob_at(&p[2..], &n[1..], depth + 1)
-            } else {
-                Ok(false)
-            }
-        }
-        lit => {
-            if n.first() == Some(&lit) {
-                glob_at(&p[1..], &n[1..], depth + 1)
-            } else {
-                Ok(false)
-            }
+        '\\' => (p.get(pi + 1) == Some(&c)).then_some(pi + 2),
+        lit => (lit == c).then_some(pi + 1),
+    }
+}
+
+fn glob_valid(p: &[char]) -> bool {
+    let mut i = 0;
+    while i < p.len() {
+        match p[i] {
+            '[' => match match_class(&p[i + 1..], None) {
+                Ok((_, used)) => i += 1 + used,
+                Err(()) => return false,
+            },
+            '\\' if i + 1 >= p.len() => return false,
+            '\\' => i += 2,
+            _ => i += 1,
         }
     }
+    true
 }
 
 /// Parses a `[...]` class body (after the `[`) and tests `ch`; returns whether it matched and
@@ -1379,6 +1388,32 @@ mod tests {
         assert!(!glob_match("[", "["));
         assert!(!glob_match("[]", "]"));
         assert!(glob_match("*", ""));
+        assert!(glob_match("*a*b*c", "xxaxxbxxc"));
+        assert!(!glob_match("*a*b*c", "xxaxxbxxcx"));
+        let many = "a".repeat(250);
+        assert!(!glob_match(
+            &"*a".repeat(20).replace("a*a*a", "a*a*b"),
+            &many
+        ));
+    }
+
+    #[test]
+    fn glob_never_panics_on_odd_patterns() {
+        let alphabet = ['*', '?', '[', ']', '^', '!', '-', '\\', 'a', 'b'];
+        let mut seed = 0x2545_f491_u64;
+        for _ in 0..20_000 {
+            let mut pat = String::new();
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            let mut x = seed;
+            for _ in 0..(x % 9) {
+                x /= 7;
+                pat.push(alphabet[(x % alphabet.len() as u64) as usize]);
+            }
+            let _ = glob_match(&pat, "ab-]");
+            let _ = glob_match(&pat, "");
+        }
     }
 
     #[test]
