@@ -513,6 +513,13 @@ fn apply_entry<R: Read>(
         // The layer root itself: `dest` keeps its own metadata.
         return Ok(());
     };
+    if comps
+        .iter()
+        .any(|c| c.starts_with(b".wh..wh.") && *c != OPAQUE_MARKER)
+    {
+        // aufs metadata (`.wh..wh.plnk/…`, `.wh..wh.aufs`): nothing to create, as in Docker.
+        return Ok(());
+    }
     let parent =
         resolve_dir(root, parents, true).map_err(|e| io_err("create parent directory of", e))?;
     let meta = entry_meta(entry.header(), &ext.pax).map_err(|e| io_err("read header of", e))?;

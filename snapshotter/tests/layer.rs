@@ -386,3 +386,34 @@ fn gnu_tar_reads_written_layers() {
     assert!(text.contains(&format!("longlink -> {}", "t".repeat(200))));
     assert!(text.contains("hard1 link to etc/hard2"), "{text}");
 }
+
+#[test]
+fn oci_whiteouts_become_overlay_ones() {
+    let tar = raw_tar(&[
+        Raw::File(b"a/.wh.b", b""),
+        Raw::File(b"x/.wh..wh..opq", b""),
+        Raw::File(b"x/kept", b"k"),
+        Raw::File(b".wh..wh.plnk/123.45", b"aufs"),
+        Raw::File(b".wh..", b""),
+    ]);
+    let dst = tempfile::tempdir().unwrap();
+    let r = apply_layer(tar.as_slice(), dst.path());
+    assert!(matches!(r, Err(Error::UnsafeEntry { .. })), "{r:?}");
+    let tar = raw_tar(&[
+        Raw::File(b"a/.wh.b", b""),
+        Raw::File(b"x/.wh..wh..opq", b""),
+        Raw::File(b"x/kept", b"k"),
+        Raw::File(b".wh..wh.plnk/123.45", b"aufs"),
+    ]);
+    let dst = tempfile::tempdir().unwrap();
+    apply_layer(tar.as_slice(), dst.path()).unwrap();
+    let tree = read_tree(dst.path());
+    assert_eq!(tree[Path::new("a/b")].body, Body::Char(0, 0));
+    assert!(!dst.path().join(".wh..wh.plnk").exists());
+    assert!(!dst.path().join("a/.wh.b").exists());
+    assert_eq!(
+        xattr::get(dst.path().join("x"), "trusted.overlay.opaque").unwrap(),
+        Some(b"y".to_vec())
+    );
+    assert_eq!(fs::read(dst.path().join("x/kept")).unwrap(), b"k");
+}
