@@ -52,6 +52,8 @@ pub fn checksum(
     };
     v.hasher.update(DOMAIN);
     for s in &sources {
+        // Like the copier: hardlinks are tracked within one matched source.
+        v.links.clear();
         v.hasher.update(b"S");
         v.put_bytes(s.name.as_bytes());
         walk_source(root.path, &s.resolved, &filter, &mut v)?;

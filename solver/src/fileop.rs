@@ -836,8 +836,7 @@ struct CopyVisitor<'a> {
     /// Whether each open directory was created by this copy (the top one only gets the
     /// source's metadata when it was).
     created: Vec<bool>,
-    /// (dev, ino) of multiply-linked source files -> their first copy, shared by all
-    /// sources of one action.
+    /// (dev, ino) of multiply-linked source files -> their first copy in this source.
     links: &'a mut HashMap<(u64, u64), PathBuf>,
 }
 
@@ -962,11 +961,13 @@ fn do_copy(dest_root: &Path, src: &SourceRoot, action: &CopyAction) -> Result<()
     };
     let filter = Filter::new(src, action)?;
     let sources = plan_sources(src, action, &filter)?;
-    let mut links = HashMap::new();
     for s in &sources {
         if action.attempt_unpack && unpack(dest_root, src, s, &dest, owner)? {
             continue;
         }
+        // BuildKit runs one copier per wildcard match: hardlinks are kept within a source,
+        // not between two matches.
+        let mut links = HashMap::new();
         copy_one(dest_root, src, s, &dest, action, &opts, &filter, &mut links)?;
     }
     Ok(())

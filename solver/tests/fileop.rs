@@ -1325,3 +1325,20 @@ fn add_applies_pax_owners_and_xattrs() {
         assert_eq!(xattr::get(&f, "user.k").unwrap(), Some(b"v".to_vec()));
     }
 }
+
+#[test]
+fn hardlinks_are_not_kept_between_wildcard_matches() {
+    let src = TempDir::new().unwrap();
+    write(src.path(), "a.bin", "x");
+    fs::hard_link(src.path().join("a.bin"), src.path().join("b.bin")).unwrap();
+    let dest = TempDir::new().unwrap();
+    run(
+        dest.path(),
+        ctx(src.path()),
+        vec![cp("*.bin", "/w/"), cp(".", "/all/")],
+    )
+    .unwrap();
+    let ino = |p: &str| fs::metadata(dest.path().join(p)).unwrap().ino();
+    assert_ne!(ino("w/a.bin"), ino("w/b.bin"));
+    assert_eq!(ino("all/a.bin"), ino("all/b.bin"));
+}
