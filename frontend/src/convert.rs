@@ -754,6 +754,25 @@ impl<'a> Converter<'a> {
             .map_err(|e| ConvertError::at(e.to_string(), location))
     }
 
+    /// Expands ENV/LABEL pairs; every word of the line sees the environment from before
+    /// the line, as in BuildKit.
+    fn expand_pairs(
+        &self,
+        state: &StageState,
+        pairs: &[crate::instructions::KeyValue],
+        loc: Location,
+    ) -> Result<Vec<(String, String)>, ConvertError> {
+        pairs
+            .iter()
+            .map(|kv| {
+                Ok((
+                    self.expand(state, &kv.key, loc)?,
+                    self.expand(state, &kv.value, loc)?,
+                ))
+            })
+            .collect()
+    }
+
     fn describe(&self, state: &mut StageState, text: &str) -> String {
         state.cmd_index += 1;
         let width = state.cmd_total.to_string().len();
@@ -790,16 +809,7 @@ impl<'a> Converter<'a> {
         match &cmd.instruction {
             Instruction::Env(pairs) => {
                 let mut msg = String::from("ENV");
-                // Every word of the line sees the environment from before the line.
-                let expanded = pairs
-                    .iter()
-                    .map(|kv| {
-                        Ok((
-                            self.expand(state, &kv.key, loc)?,
-                            self.expand(state, &kv.value, loc)?,
-                        ))
-                    })
-                    .collect::<Result<Vec<_>, ConvertError>>()?;
+                let expanded = self.expand_pairs(state, pairs, loc)?;
                 for (key, value) in expanded {
                     msg.push_str(&format!(" {key}={value}"));
                     set_pair(&mut state.env, &key, value.clone());
@@ -810,15 +820,7 @@ impl<'a> Converter<'a> {
             Instruction::Arg(decls) => self.dispatch_arg(state, decls, loc)?,
             Instruction::Label(pairs) => {
                 let mut msg = String::from("LABEL");
-                let expanded = pairs
-                    .iter()
-                    .map(|kv| {
-                        Ok((
-                            self.expand(state, &kv.key, loc)?,
-                            self.expand(state, &kv.value, loc)?,
-                        ))
-                    })
-                    .collect::<Result<Vec<_>, ConvertError>>()?;
+                let expanded = self.expand_pairs(state, pairs, loc)?;
                 for (key, value) in expanded {
                     msg.push_str(&format!(" {key}={value}"));
                     state.image.config.labels.insert(key, value);

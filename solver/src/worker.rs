@@ -2,8 +2,7 @@
 //! file ops through overlay mounts, and checksums the build context for cache keys.
 
 use std::collections::BTreeMap;
-use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use strata_dag::{Digest, ExecOp, FileAction, FileOp, Node, NodeMeta, Op, SourceOp};
@@ -504,13 +503,6 @@ impl Worker for RealWorker {
     }
 }
 
-/// Reads a whole stream; used for small blobs.
-pub fn read_all(mut r: impl Read) -> std::io::Result<Vec<u8>> {
-    let mut v = Vec::new();
-    r.read_to_end(&mut v)?;
-    Ok(v)
-}
-
 /// The layer chain of a result, bottom first (committed snapshot names).
 pub fn snapshot_chain(snapshotter: &dyn Snapshotter, top: &Ref) -> Result<Vec<String>, String> {
     let mut chain = Vec::new();
@@ -525,9 +517,4 @@ pub fn snapshot_chain(snapshotter: &dyn Snapshotter, top: &Ref) -> Result<Vec<St
     }
     chain.reverse();
     Ok(chain)
-}
-
-/// Path helper for callers that keep per-store files.
-pub fn store_path(root: &Path, name: &str) -> PathBuf {
-    root.join(name)
 }

@@ -154,10 +154,11 @@ pub fn mounts_under(dir: &Path) -> Vec<String> {
         .collect()
 }
 
-/// Lines of `#N ...` progress that say a step ran (not cached).
-pub fn executed_steps(stderr: &str) -> Vec<String> {
+/// Names of the steps whose plain progress (`#N [..] name`, then `#N DONE 0.1s` or
+/// `#N CACHED`) ends with a status line accepted by `status`.
+fn steps_with(stderr: &str, status: impl Fn(&str) -> bool) -> Vec<String> {
     let mut names = std::collections::HashMap::new();
-    let mut done = Vec::new();
+    let mut found = Vec::new();
     for line in stderr.lines() {
         let Some(rest) = line.strip_prefix('#') else {
             continue;
@@ -169,34 +170,21 @@ pub fn executed_steps(stderr: &str) -> Vec<String> {
             names
                 .entry(id.to_string())
                 .or_insert_with(|| text.to_string());
-        } else if text.starts_with("DONE") {
+        } else if status(text) {
             if let Some(n) = names.get(id) {
-                done.push(n.clone());
+                found.push(n.clone());
             }
         }
     }
-    done
+    found
 }
 
+/// Steps that ran (not cached).
+pub fn executed_steps(stderr: &str) -> Vec<String> {
+    steps_with(stderr, |t| t.starts_with("DONE"))
+}
+
+/// Steps reused from the cache.
 pub fn cached_steps(stderr: &str) -> Vec<String> {
-    let mut names = std::collections::HashMap::new();
-    let mut cached = Vec::new();
-    for line in stderr.lines() {
-        let Some(rest) = line.strip_prefix('#') else {
-            continue;
-        };
-        let Some((id, text)) = rest.split_once(' ') else {
-            continue;
-        };
-        if text.starts_with('[') {
-            names
-                .entry(id.to_string())
-                .or_insert_with(|| text.to_string());
-        } else if text == "CACHED" {
-            if let Some(n) = names.get(id) {
-                cached.push(n.clone());
-            }
-        }
-    }
-    cached
+    steps_with(stderr, |t| t == "CACHED")
 }
