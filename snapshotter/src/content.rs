@@ -40,12 +40,6 @@ impl std::io::Write for Writer {
     }
 }
 
-fn digest_of(hasher: Sha256) -> Digest {
-    // Infallible: the formatted string is always a valid sha256 digest.
-    Digest::parse(&format!("sha256:{}", hex::encode(hasher.finalize())))
-        .unwrap_or_else(|| Digest::of(b""))
-}
-
 impl Writer {
     /// Bytes written so far.
     pub fn size(&self) -> u64 {
@@ -60,7 +54,7 @@ impl Writer {
             .as_file()
             .sync_all()
             .map_err(|e| Error::io("sync blob", e))?;
-        let digest = digest_of(self.hasher);
+        let digest = crate::sha256_digest(self.hasher);
         if let Some(exp) = expected {
             if exp != &digest {
                 return Err(Error::DigestMismatch {

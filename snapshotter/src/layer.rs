@@ -43,12 +43,6 @@ pub struct DiffOptions {
     pub source_date_epoch: Option<i64>,
 }
 
-fn digest_of(hasher: Sha256) -> Digest {
-    let s = format!("sha256:{}", hex::encode(hasher.finalize()));
-    // A formatted sha256 always parses; the fallback only keeps this panic-free.
-    Digest::parse(&s).unwrap_or_else(|| Digest::of(s.as_bytes()))
-}
-
 struct HashingReader<R> {
     inner: R,
     hasher: Sha256,
@@ -476,7 +470,7 @@ pub fn apply_layer(layer: impl Read, dest: &Path) -> Result<Applied> {
     let mut rest = archive.into_inner();
     io::copy(&mut rest, &mut io::sink()).map_err(|e| Error::io("read layer trailer", e))?;
     Ok(Applied {
-        diff_id: digest_of(rest.hasher),
+        diff_id: crate::sha256_digest(rest.hasher),
         uncompressed_size: rest.count,
     })
 }
@@ -930,5 +924,5 @@ pub fn write_layer(upper: &Path, out: impl Write, opts: &DiffOptions) -> Result<
     write_dir(&mut t, upper, b"")?;
     t.raw(&[0u8; 1024])?;
     t.out.flush().map_err(|e| Error::io("flush layer tar", e))?;
-    Ok(digest_of(t.out.hasher))
+    Ok(crate::sha256_digest(t.out.hasher))
 }

@@ -101,6 +101,14 @@ impl Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// The digest a finished sha256 hasher stands for.
+pub(crate) fn sha256_digest(hasher: sha2::Sha256) -> strata_dag::Digest {
+    use sha2::Digest as _;
+    let s = format!("sha256:{}", hex::encode(hasher.finalize()));
+    // A formatted sha256 always parses; the fallback only keeps this panic-free.
+    strata_dag::Digest::parse(&s).unwrap_or_else(|| strata_dag::Digest::of(s.as_bytes()))
+}
+
 /// containerd's snapshotter model, synchronous and in-process.
 pub trait Snapshotter: Send + Sync {
     /// Creates an active snapshot `key` on top of committed `parent` ("" = empty).
