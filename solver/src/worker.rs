@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use strata_dag::{Digest, ExecOp, FileAction, FileOp, Node, NodeMeta, Op, SourceOp};
+use strata_dag::{Digest, ExecMountKind, ExecOp, FileAction, FileOp, Node, NodeMeta, Op, SourceOp};
 use strata_frontend::dockerignore::PatternMatcher;
 use strata_registry::{Client, Reference};
 use strata_sandbox::{ProcessSpec, RunRequest, Sandbox, Stream};
@@ -17,6 +17,7 @@ use crate::contenthash::checksum;
 use crate::contenthash::StatCache;
 use crate::fileop::{apply_file_op, SourceRoot};
 use crate::progress::{Progress, ProgressEvent};
+use crate::runmount::{MountContext, RunEnv, INSECURE_ENTITLEMENT};
 use crate::{CacheKey, Ref, Worker};
 
 /// Labels a committed layer snapshot carries about its blob (set when pulled or exported).
@@ -36,6 +37,8 @@ pub struct RealWorker {
     pub context_dir: PathBuf,
     pub ignore: Option<PatternMatcher>,
     pub stat_cache: Arc<StatCache>,
+    /// Secrets, ssh sockets, entitlements and the cache mount dir for RUN steps.
+    pub run_env: RunEnv,
     /// Serializes pulls of one chain so two nodes never apply the same layer at once.
     pull_lock: Mutex<()>,
 }
@@ -61,6 +64,7 @@ impl RealWorker {
             context_dir,
             ignore,
             stat_cache,
+            run_env: RunEnv::default(),
             pull_lock: Mutex::new(()),
         }
     }
@@ -162,10 +166,39 @@ impl RealWorker {
         if let Some(e) = errors.into_inner().ok().and_then(|v| v.into_iter().next()) {
             return Err(e);
         }
+        let mut blobs = Vec::with_capacity(layers.len());
+        for (layer, diff_id) in layers.iter().zip(&config.rootfs.diff_ids) {
+            let digest = Digest::parse(layer.digest().as_ref())
+                .ok_or_else(|| format!("layer digest {} is not sha256", layer.digest()))?;
+            let diff_id = Digest::parse(diff_id)
+                .ok_or_else(|| format!("diff id {diff_id} of {reference} is not sha256"))?;
+            blobs.push(strata_exporter::LayerBlob {
+                digest,
+                size: layer.size(),
+                media_type: layer.media_type().to_string(),
+                diff_id,
+                uncompressed_size: 0,
+            });
+        }
+        self.apply_layers(&blobs, progress, description)
+    }
+
+    /// Applies layer blobs (already in the content store) bottom first into committed
+    /// snapshots named by chain ID (`layer-<chainid hex>`), so equal layer stacks are
+    /// shared whether they came from an image pull or an imported build cache. Each
+    /// snapshot records its blob in [`LABEL_BLOB`], so re-exporting it reuses the same
+    /// bytes. Returns the top snapshot (`Scratch` for no layers).
+    pub fn apply_layers(
+        &self,
+        layers: &[strata_exporter::LayerBlob],
+        progress: &dyn Progress,
+        description: &str,
+    ) -> Result<Ref, String> {
         let _guard = self.pull_lock.lock().map_err(|e| e.to_string())?;
         let mut parent = String::new();
         let mut chain: Option<String> = None;
-        for (layer, diff_id) in layers.iter().zip(&config.rootfs.diff_ids) {
+        for layer in layers {
+            let diff_id = layer.diff_id.to_string();
             // ChainID(n) = sha256(ChainID(n-1) + " " + DiffID(n)), as in the OCI spec.
             let chain_id = match &chain {
                 None => diff_id.clone(),
@@ -174,16 +207,15 @@ impl RealWorker {
             chain = Some(chain_id.clone());
             let name = format!("layer-{}", chain_id.trim_start_matches("sha256:"));
             if self.snapshotter.stat(&name).is_err() {
-                let digest = Digest::parse(layer.digest().as_ref())
-                    .ok_or_else(|| format!("layer digest {} is not sha256", layer.digest()))?;
+                let digest = layer.digest.clone();
                 progress.event(ProgressEvent::Output {
                     description: description.to_string(),
                     line: format!("extracting {digest}"),
                 });
                 let blob = serde_json::json!({
                     "digest": digest.to_string(),
-                    "size": layer.size(),
-                    "media_type": layer.media_type().to_string(),
+                    "size": layer.size,
+                    "media_type": layer.media_type,
                     "diff_id": diff_id,
                 });
                 let mut labels = BTreeMap::new();
@@ -205,7 +237,7 @@ impl RealWorker {
                     .map_err(|e| format!("apply layer {digest}: {e}"))?;
                     if applied.diff_id.as_str() != diff_id {
                         return Err(format!(
-                            "layer {digest}: diff id {} does not match the config's {diff_id}",
+                            "layer {digest}: diff id {} does not match the expected {diff_id}",
                             applied.diff_id
                         ));
                     }
@@ -251,26 +283,37 @@ impl RealWorker {
         inputs: &[Ref],
         progress: &dyn Progress,
     ) -> Result<Ref, String> {
-        if !exec.mounts.is_empty() {
-            return Err("RUN --mount is not supported yet".into());
+        if exec.insecure && !self.run_env.allow_insecure {
+            return Err(format!("entitlement {INSECURE_ENTITLEMENT} is not allowed"));
         }
         let parent = match exec.rootfs_input {
             Some(i) => input_snapshot(inputs, i)?,
             None => String::new(),
         };
         let description = meta.description.clone();
+        // Dropped (unmounted, unlocked, removed) after the step, whatever its outcome.
+        let prepared = MountContext {
+            snapshotter: &self.snapshotter,
+            mounts_dir: &self.mounts_dir,
+            run_env: &self.run_env,
+            temp_key: &Self::temp_key,
+        }
+        .prepare(exec, inputs)?;
+        let mut env = exec.env.clone();
+        env.extend(prepared.env.iter().cloned());
         self.with_active(&parent, key, BTreeMap::new(), |_active, mounts| {
             let req = RunRequest {
                 rootfs: mounts,
                 process: ProcessSpec {
                     args: exec.args.clone(),
-                    env: exec.env.clone(),
+                    env,
                     cwd: exec.cwd.clone(),
                     user: exec.user.clone(),
                     hostname: "buildkitsandbox".into(),
                     network: exec.network,
+                    privileged: exec.insecure,
                 },
-                mounts: vec![],
+                mounts: prepared.mounts.clone(),
                 hosts_file: None,
                 resolv_conf: None,
             };
@@ -407,7 +450,7 @@ impl RealWorker {
                     })
                 })
                 .collect();
-            let applied = apply_file_op(&target, op, &sources).map_err(|e| e.to_string());
+            let applied = apply_file_op(&target, op, &sources).map_err(|e| error_chain(&e));
             let unmounted = guard.unmount().map_err(|e| format!("unmount: {e}"));
             let _ = std::fs::remove_dir(&target);
             applied?;
@@ -421,6 +464,18 @@ impl RealWorker {
         }
         result
     }
+}
+
+/// An error with its causes, `outer: inner: innermost`.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
 }
 
 fn nanos() -> u128 {
@@ -446,11 +501,51 @@ impl Worker for RealWorker {
         node: &Node,
         local_inputs: &[Option<&Ref>],
     ) -> Result<Option<[u8; 32]>, String> {
+        let mut hasher = blake3::Hasher::new();
+        let mut any = false;
+        if let Op::Exec(exec) = &node.op {
+            // A bind of the context reads exactly the files under its source.
+            for m in &exec.mounts {
+                let ExecMountKind::Bind {
+                    input: Some(i),
+                    source,
+                    ..
+                } = &m.kind
+                else {
+                    continue;
+                };
+                if let Some(Some(Ref::Local(path))) = local_inputs.get(*i as usize) {
+                    let root = SourceRoot {
+                        path,
+                        ignore: self.ignore.as_ref(),
+                        is_context: true,
+                    };
+                    let action = strata_dag::CopyAction {
+                        src_input: *i,
+                        src: source.clone(),
+                        dest: "/".into(),
+                        owner: None,
+                        mode: None,
+                        follow_symlinks: true,
+                        dir_contents_only: true,
+                        allow_wildcard: false,
+                        allow_empty_wildcard: false,
+                        create_dest_path: true,
+                        attempt_unpack: false,
+                        exclude: vec![],
+                    };
+                    let sum =
+                        checksum(&root, &action, &self.stat_cache).map_err(|e| e.to_string())?;
+                    hasher.update(m.target.as_bytes());
+                    hasher.update(&sum);
+                    any = true;
+                }
+            }
+            return Ok(any.then(|| *hasher.finalize().as_bytes()));
+        }
         let Op::File(op) = &node.op else {
             return Ok(None);
         };
-        let mut hasher = blake3::Hasher::new();
-        let mut any = false;
         for action in &op.actions {
             if let FileAction::Copy(c) = action {
                 if let Some(Some(Ref::Local(path))) = local_inputs.get(c.src_input as usize) {
@@ -459,7 +554,7 @@ impl Worker for RealWorker {
                         ignore: self.ignore.as_ref(),
                         is_context: true,
                     };
-                    let sum = checksum(&root, c, &self.stat_cache).map_err(|e| e.to_string())?;
+                    let sum = checksum(&root, c, &self.stat_cache).map_err(|e| error_chain(&e))?;
                     hasher.update(&sum);
                     any = true;
                 }
