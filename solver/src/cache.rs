@@ -4,7 +4,14 @@
 //! if the snapshot still exists, so a crash at any moment leaves a cache that has the step
 //! or not, never one pointing at missing data. The database is opened per operation so that
 //! several `strata` processes can share one store (redb locks the file while it is open).
+//!
+//! Per-key locks ([`KeyLock`], `flock` on `locks/<key hex>` beside the database) let builds
+//! on one store agree on who runs a step: the holder runs it and records it, the others
+//! wait and then find the record.
 
+use std::fs::File;
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -18,6 +25,67 @@ const RESULTS: TableDefinition<&[u8], &str> = TableDefinition::new("results-v1")
 pub trait CacheStore: Sync {
     fn get(&self, key: &CacheKey) -> Result<Option<Ref>, String>;
     fn put(&self, key: &CacheKey, result: &Ref) -> Result<(), String>;
+    /// Takes the store-wide exclusive lock of `key`, waiting for other holders; `None`
+    /// when the store is private to this process (nobody else can run the key).
+    fn lock(&self, _key: &CacheKey) -> Result<Option<KeyLock>, String> {
+        Ok(None)
+    }
+}
+
+/// An exclusive lock on one cache key, shared by every process on the store; released
+/// (and its file removed) when dropped.
+#[derive(Debug)]
+pub struct KeyLock {
+    path: PathBuf,
+    // Held for the lock: closing it releases the flock.
+    _file: File,
+}
+
+impl KeyLock {
+    /// Locks `dir/<key hex>`, waiting while another process or thread holds it.
+    pub fn acquire(dir: &Path, key: &CacheKey) -> Result<KeyLock, String> {
+        std::fs::create_dir_all(dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
+        let path = dir.join(key.hex());
+        loop {
+            let file = File::options()
+                .create(true)
+                .truncate(false)
+                .read(true)
+                .write(true)
+                .open(&path)
+                .map_err(|e| format!("open {}: {e}", path.display()))?;
+            loop {
+                // SAFETY: flock on a descriptor this function owns; no memory is involved.
+                let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
+                if rc == 0 {
+                    break;
+                }
+                let err = std::io::Error::last_os_error();
+                if err.kind() != std::io::ErrorKind::Interrupted {
+                    return Err(format!("lock {}: {err}", path.display()));
+                }
+            }
+            // The previous holder removes the file when it is done. If it did so between
+            // our open and our flock, we locked an orphan while a newcomer may lock a new
+            // file at the path: only a lock on the file the path names now counts.
+            let ours = file
+                .metadata()
+                .map_err(|e| format!("stat {}: {e}", path.display()))?;
+            match std::fs::metadata(&path) {
+                Ok(m) if m.dev() == ours.dev() && m.ino() == ours.ino() => {
+                    return Ok(KeyLock { path, _file: file })
+                }
+                _ => continue,
+            }
+        }
+    }
+}
+
+impl Drop for KeyLock {
+    fn drop(&mut self) {
+        // Unlink while still holding the lock (see `acquire`), then the close unlocks.
+        let _ = std::fs::remove_file(&self.path);
+    }
 }
 
 /// redb-backed [`CacheStore`].
@@ -131,6 +199,15 @@ impl CacheStore for DbCache {
             tx.commit().map_err(|e| e.to_string())
         })
     }
+
+    fn lock(&self, key: &CacheKey) -> Result<Option<KeyLock>, String> {
+        let dir = self
+            .path
+            .parent()
+            .map(|p| p.join("locks"))
+            .unwrap_or_else(|| PathBuf::from("locks"));
+        KeyLock::acquire(&dir, key).map(Some)
+    }
 }
 
 /// An in-memory cache for tests.
@@ -168,5 +245,30 @@ mod tests {
         assert_eq!(again.get(&CacheKey([8; 32])).unwrap(), None);
         assert_eq!(again.retain(&|name| name != "snapshot:s1").unwrap(), 1);
         assert_eq!(again.get(&key).unwrap(), None);
+    }
+
+    #[test]
+    fn key_lock_excludes_other_holders_until_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = CacheKey([3; 32]);
+        let first = KeyLock::acquire(dir.path(), &key).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let path = dir.path().to_path_buf();
+        let waiter = std::thread::spawn(move || {
+            let lock = KeyLock::acquire(&path, &key).unwrap();
+            tx.send(()).unwrap();
+            drop(lock);
+        });
+        // The second holder is still waiting while the first holds the lock.
+        assert!(rx.recv_timeout(Duration::from_millis(300)).is_err());
+        drop(first);
+        rx.recv_timeout(Duration::from_secs(5))
+            .expect("the waiter got the lock once it was free");
+        waiter.join().unwrap();
+        // The last holder removed the lock file.
+        assert!(!dir.path().join(key.hex()).exists());
+        // A different key never waits.
+        let _a = KeyLock::acquire(dir.path(), &CacheKey([4; 32])).unwrap();
+        let _b = KeyLock::acquire(dir.path(), &CacheKey([5; 32])).unwrap();
     }
 }

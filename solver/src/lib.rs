@@ -4,8 +4,18 @@
 //! without executing anything: `blake3(version, op digest, input keys, content key)`, where
 //! the content key is the checksum of exactly the context files an op reads. Then, from the
 //! root, a node whose key is in the cache is a hit and its inputs are never needed; the
-//! nodes that missed run in parallel as soon as their inputs are ready. So a build whose
-//! final step is cached pulls and runs nothing.
+//! nodes that missed form a petgraph `DiGraph` that is scheduled by in-degree: every node
+//! whose inputs are ready runs at once, up to `max_parallelism`. So a build whose final
+//! step is cached pulls and runs nothing.
+//!
+//! Unlike BuildKit, which reports every vertex of a cached chain as CACHED, progress shows
+//! only the hits the walk reached (the topmost cached step of each branch): the steps
+//! below a hit are not looked at, so a warm rebuild costs one cache lookup per branch.
+//!
+//! Concurrent builds: before a missed node runs, its worker takes the cache store's lock
+//! for the key (a `flock`ed file per key, shared by every process on the store) and looks
+//! the key up again, so when two builds need the same op it runs once and the second
+//! reuses the result.
 //!
 //! [`Worker`] is the seam between scheduling and execution; tests use a counting fake.
 
@@ -13,16 +23,21 @@ pub mod cache;
 pub mod contenthash;
 pub mod fileop;
 pub mod progress;
+pub mod runmount;
 pub mod worker;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Mutex};
+use std::sync::mpsc;
 use std::time::Instant;
+
+use petgraph::graph::{DiGraph, NodeIndex};
+use petgraph::visit::{Dfs, Reversed};
+use petgraph::Direction;
 
 use strata_dag::{Definition, Digest, Node, NodeMeta};
 
-pub use cache::CacheStore;
+pub use cache::{CacheStore, KeyLock};
 pub use progress::{Progress, ProgressEvent};
 
 /// Version salt of every cache key: bump it when the meaning of keys changes.
@@ -106,6 +121,10 @@ pub trait Worker: Sync {
 pub struct SolveReport {
     pub executed: Vec<String>,
     pub cached: Vec<String>,
+    /// Every node this solve resolved (cache hits and executed steps): its key and result.
+    /// Cache export (`--cache-to`) turns these into records; nodes below a hit never
+    /// appear, as they were never needed.
+    pub resolved: Vec<(CacheKey, Ref)>,
 }
 
 pub struct Solver<'a> {
@@ -116,10 +135,35 @@ pub struct Solver<'a> {
     cancel: &'a AtomicBool,
 }
 
+/// The first pass: the graph of the definition and the cache key of every node the root
+/// needs.
 struct Plan<'d> {
-    nodes: HashMap<Digest, &'d Node>,
-    keys: HashMap<Digest, CacheKey>,
-    immediate: HashMap<Digest, Ref>,
+    /// Every node of the definition; an edge goes from an input to the node reading it.
+    graph: DiGraph<&'d Node, ()>,
+    /// Node digests, by graph index (computing one serializes the node).
+    digests: Vec<Digest>,
+    index: HashMap<Digest, NodeIndex>,
+    /// The nodes the root needs, inputs first.
+    order: Vec<NodeIndex>,
+    keys: HashMap<NodeIndex, CacheKey>,
+    immediate: HashMap<NodeIndex, Ref>,
+}
+
+impl Plan<'_> {
+    fn input_index(&self, input: &strata_dag::Input) -> Result<NodeIndex, Error> {
+        self.index
+            .get(&input.digest)
+            .copied()
+            .ok_or_else(|| Error::InvalidDefinition(format!("unknown node {}", input.digest)))
+    }
+}
+
+/// How one node's job ended.
+enum Outcome {
+    Executed(Ref, f64),
+    /// Another build made the result while this one waited for the key's lock.
+    Reused(Ref),
+    Failed(String),
 }
 
 impl<'a> Solver<'a> {
@@ -150,46 +194,88 @@ impl<'a> Solver<'a> {
         }
     }
 
-    fn plan<'d>(&self, def: &'d Definition) -> Result<Plan<'d>, Error> {
+    fn plan<'d>(&self, def: &'d Definition, root: &Digest) -> Result<Plan<'d>, Error> {
+        let mut graph: DiGraph<&Node, ()> = DiGraph::with_capacity(def.nodes.len(), 0);
+        let mut digests = Vec::with_capacity(def.nodes.len());
+        let mut index = HashMap::with_capacity(def.nodes.len());
+        for node in &def.nodes {
+            let digest = node.digest();
+            if index.contains_key(&digest) {
+                continue;
+            }
+            index.insert(digest.clone(), graph.add_node(node));
+            digests.push(digest);
+        }
+        for to in graph.node_indices().collect::<Vec<_>>() {
+            let node = graph[to];
+            for input in &node.inputs {
+                let from = index.get(&input.digest).copied().ok_or_else(|| {
+                    Error::InvalidDefinition(format!(
+                        "node {} reads unknown node {}",
+                        digests[to.index()],
+                        input.digest
+                    ))
+                })?;
+                graph.add_edge(from, to, ());
+            }
+        }
+        let sorted = petgraph::algo::toposort(&graph, None).map_err(|cycle| {
+            Error::InvalidDefinition(format!(
+                "the build graph has a cycle through node {}",
+                digests[cycle.node_id().index()]
+            ))
+        })?;
+        let root_ix = *index
+            .get(root)
+            .ok_or_else(|| Error::InvalidDefinition(format!("unknown root node {root}")))?;
+        // Only the root's ancestors are keyed: a stage the target does not need never has
+        // its context checksummed.
+        let mut needed = HashSet::new();
+        let reversed = Reversed(&graph);
+        let mut dfs = Dfs::new(reversed, root_ix);
+        while let Some(n) = dfs.next(reversed) {
+            needed.insert(n);
+        }
         let mut plan = Plan {
-            nodes: HashMap::new(),
+            order: sorted.into_iter().filter(|n| needed.contains(n)).collect(),
+            graph,
+            digests,
+            index,
             keys: HashMap::new(),
             immediate: HashMap::new(),
         };
-        // Definitions are topologically ordered: inputs come before their users.
-        for node in &def.nodes {
-            let digest = node.digest();
+        for &ix in &plan.order {
+            let node = plan.graph[ix];
+            let digest = &plan.digests[ix.index()];
             if let Some(r) = self.worker.immediate(node) {
-                plan.immediate.insert(digest.clone(), r);
+                plan.immediate.insert(ix, r);
             }
             let mut hasher = blake3::Hasher::new();
             hasher.update(CACHE_KEY_VERSION);
             hasher.update(digest.as_str().as_bytes());
-            let mut local_inputs = Vec::new();
+            let mut local_inputs = Vec::with_capacity(node.inputs.len());
             for input in &node.inputs {
-                let key = plan.keys.get(&input.digest).ok_or_else(|| {
-                    Error::InvalidDefinition(format!(
-                        "node {digest} reads {} before it is defined",
-                        input.digest
-                    ))
+                let input_ix = plan.input_index(input)?;
+                // Inputs come first in a topological order, so their keys exist.
+                let key = plan.keys.get(&input_ix).ok_or_else(|| {
+                    Error::InvalidDefinition(format!("node {digest} was keyed before its inputs"))
                 })?;
                 hasher.update(&key.0);
                 hasher.update(&input.output.to_le_bytes());
-                local_inputs.push(plan.immediate.get(&input.digest));
+                local_inputs.push(plan.immediate.get(&input_ix));
             }
             if local_inputs.iter().any(Option::is_some) {
                 let content = self
                     .worker
                     .content_key(node, &local_inputs)
-                    .map_err(|m| Self::step_error(def, &digest, m))?;
+                    .map_err(|m| Self::step_error(def, digest, m))?;
                 if let Some(c) = content {
                     hasher.update(b"content");
                     hasher.update(&c);
                 }
             }
             plan.keys
-                .insert(digest.clone(), CacheKey(*hasher.finalize().as_bytes()));
-            plan.nodes.insert(digest, node);
+                .insert(ix, CacheKey(*hasher.finalize().as_bytes()));
         }
         Ok(plan)
     }
@@ -199,28 +285,27 @@ impl<'a> Solver<'a> {
         let Some(root) = &def.root else {
             return Ok((Ref::Scratch, SolveReport::default()));
         };
-        let plan = self.plan(def)?;
+        let plan = self.plan(def, &root.digest)?;
+        let root_ix = plan.input_index(root)?;
         let mut report = SolveReport::default();
 
-        // Which results are needed, and which of those must run.
-        let mut results: HashMap<Digest, Ref> = HashMap::new();
-        let mut to_run: HashSet<Digest> = HashSet::new();
-        let mut stack = vec![root.digest.clone()];
+        // Which results are needed, and which of those must run: walk down from the root
+        // and stop at cache hits.
+        let mut results: HashMap<NodeIndex, Ref> = HashMap::new();
+        let mut to_run: HashSet<NodeIndex> = HashSet::new();
+        let mut stack = vec![root_ix];
         let mut seen = HashSet::new();
-        while let Some(d) = stack.pop() {
-            if !seen.insert(d.clone()) {
+        while let Some(ix) = stack.pop() {
+            if !seen.insert(ix) {
                 continue;
             }
-            let node = plan
-                .nodes
-                .get(&d)
-                .ok_or_else(|| Error::InvalidDefinition(format!("unknown node {d}")))?;
-            if let Some(r) = plan.immediate.get(&d) {
-                results.insert(d.clone(), r.clone());
+            if let Some(r) = plan.immediate.get(&ix) {
+                results.insert(ix, r.clone());
                 continue;
             }
-            let meta = def.metadata.get(&d).cloned().unwrap_or_default();
-            let key = plan.keys[&d];
+            let digest = &plan.digests[ix.index()];
+            let meta = def.metadata.get(digest).cloned().unwrap_or_default();
+            let key = plan.keys[&ix];
             if !meta.ignore_cache {
                 let hit = self.cache.get(&key).map_err(Error::Cache)?;
                 if let Some(r) = hit.filter(|r| self.worker.exists(r)) {
@@ -228,122 +313,191 @@ impl<'a> Solver<'a> {
                         description: meta.description.clone(),
                     });
                     report.cached.push(meta.description.clone());
-                    results.insert(d.clone(), r);
+                    report.resolved.push((key, r.clone()));
+                    results.insert(ix, r);
                     continue;
                 }
             }
-            to_run.insert(d.clone());
-            for input in &node.inputs {
-                stack.push(input.digest.clone());
+            to_run.insert(ix);
+            for input in &plan.graph[ix].inputs {
+                stack.push(plan.input_index(input)?);
             }
         }
 
-        self.run_parallel(def, &plan, &mut results, to_run, &mut report)?;
+        self.run_graph(def, &plan, &mut results, &to_run, &mut report)?;
         let result = results
-            .remove(&root.digest)
+            .remove(&root_ix)
             .ok_or_else(|| Error::InvalidDefinition("root was not solved".into()))?;
         Ok((result, report))
     }
 
-    fn run_parallel(
+    /// Runs one missed node: under the key's lock, unless another build has made it by
+    /// the time the lock is ours.
+    fn run_one(&self, node: &Node, meta: &NodeMeta, key: &CacheKey, inputs: &[Ref]) -> Outcome {
+        self.progress.event(ProgressEvent::Started {
+            description: meta.description.clone(),
+        });
+        // `--no-cache` steps run regardless of what other builds made, so need no lock.
+        let _lock = if meta.ignore_cache {
+            None
+        } else {
+            let lock = match self.cache.lock(key) {
+                Ok(l) => l,
+                Err(e) => return Outcome::Failed(format!("lock cache key {}: {e}", key.hex())),
+            };
+            match self.cache.get(key) {
+                Ok(Some(r)) if self.worker.exists(&r) => return Outcome::Reused(r),
+                Ok(_) => {}
+                Err(e) => return Outcome::Failed(format!("read cache: {e}")),
+            }
+            lock
+        };
+        let start = Instant::now();
+        match self.worker.exec(node, meta, key, inputs, self.progress) {
+            Ok(r) => match self.cache.put(key, &r) {
+                Ok(()) => Outcome::Executed(r, start.elapsed().as_secs_f64()),
+                Err(e) => Outcome::Failed(format!("record cache: {e}")),
+            },
+            Err(m) => Outcome::Failed(m),
+        }
+    }
+
+    /// Runs the missed nodes: a graph of them, scheduled by in-degree, every ready node at
+    /// once up to `max_parallelism`.
+    fn run_graph(
         &self,
         def: &Definition,
         plan: &Plan<'_>,
-        results: &mut HashMap<Digest, Ref>,
-        mut pending: HashSet<Digest>,
+        results: &mut HashMap<NodeIndex, Ref>,
+        to_run: &HashSet<NodeIndex>,
         report: &mut SolveReport,
     ) -> Result<(), Error> {
-        let (tx, rx) = mpsc::channel::<(Digest, Result<Ref, String>, f64)>();
-        let failure: Mutex<Option<Error>> = Mutex::new(None);
+        // Weights are the plan's indices; an edge is an input that must run first.
+        let mut graph: DiGraph<NodeIndex, ()> = DiGraph::with_capacity(to_run.len(), 0);
+        let mut local: HashMap<NodeIndex, NodeIndex> = HashMap::with_capacity(to_run.len());
+        for &ix in plan.order.iter().filter(|ix| to_run.contains(ix)) {
+            local.insert(ix, graph.add_node(ix));
+        }
+        for to in graph.node_indices().collect::<Vec<_>>() {
+            for input in &plan.graph[graph[to]].inputs {
+                if let Some(&from) = local.get(&plan.input_index(input)?) {
+                    graph.add_edge(from, to, ());
+                }
+            }
+        }
+        if petgraph::algo::toposort(&graph, None).is_err() {
+            return Err(Error::InvalidDefinition(
+                "the steps to run form a cycle".into(),
+            ));
+        }
+        let mut indegree: Vec<usize> = graph
+            .node_indices()
+            .map(|n| graph.edges_directed(n, Direction::Incoming).count())
+            .collect();
+        // Nodes were added in topological (definition) order, so ready ones start in it.
+        let mut ready: VecDeque<NodeIndex> = graph
+            .node_indices()
+            .filter(|n| indegree[n.index()] == 0)
+            .collect();
+
+        let (tx, rx) = mpsc::channel::<(NodeIndex, Outcome)>();
+        let mut failure: Option<Error> = None;
+        let mut finished = 0usize;
         std::thread::scope(|scope| {
             let mut running = 0usize;
             loop {
-                let cancelled = self.cancel.load(Ordering::SeqCst);
-                let failed = failure.lock().map(|f| f.is_some()).unwrap_or(true);
-                if !cancelled && !failed {
-                    // Start every ready node, in definition order, up to the limit.
-                    let ready: Vec<Digest> = def
-                        .nodes
-                        .iter()
-                        .map(Node::digest)
-                        .filter(|d| pending.contains(d))
-                        .filter(|d| {
-                            plan.nodes[d]
-                                .inputs
-                                .iter()
-                                .all(|i| results.contains_key(&i.digest))
-                        })
-                        .collect();
-                    for d in ready {
-                        if running >= self.max_parallelism {
-                            break;
-                        }
-                        pending.remove(&d);
-                        running += 1;
-                        let node = plan.nodes[&d];
-                        let inputs: Vec<Ref> = node
+                if !self.cancel.load(Ordering::SeqCst) && failure.is_none() {
+                    while running < self.max_parallelism {
+                        let Some(n) = ready.pop_front() else { break };
+                        let ix = graph[n];
+                        let node = plan.graph[ix];
+                        let inputs: Result<Vec<Ref>, Error> = node
                             .inputs
                             .iter()
-                            .map(|i| results[&i.digest].clone())
+                            .map(|i| {
+                                let input_ix = plan.input_index(i)?;
+                                results.get(&input_ix).cloned().ok_or_else(|| {
+                                    Error::InvalidDefinition(format!(
+                                        "input {} of a ready step has no result",
+                                        i.digest
+                                    ))
+                                })
+                            })
                             .collect();
-                        let meta = def.metadata.get(&d).cloned().unwrap_or_default();
-                        let key = plan.keys[&d];
+                        let inputs = match inputs {
+                            Ok(i) => i,
+                            Err(e) => {
+                                failure = Some(e);
+                                break;
+                            }
+                        };
+                        let digest = &plan.digests[ix.index()];
+                        let meta = def.metadata.get(digest).cloned().unwrap_or_default();
+                        let key = plan.keys[&ix];
                         let tx = tx.clone();
-                        let worker = self.worker;
-                        let progress = self.progress;
+                        running += 1;
                         scope.spawn(move || {
-                            progress.event(ProgressEvent::Started {
-                                description: meta.description.clone(),
-                            });
-                            let start = Instant::now();
-                            let r = worker.exec(node, &meta, &key, &inputs, progress);
-                            let _ = tx.send((d, r, start.elapsed().as_secs_f64()));
+                            let outcome = self.run_one(node, &meta, &key, &inputs);
+                            let _ = tx.send((n, outcome));
                         });
                     }
                 }
                 if running == 0 {
                     break;
                 }
-                let Ok((d, r, secs)) = rx.recv() else { break };
+                let Ok((n, outcome)) = rx.recv() else { break };
                 running -= 1;
+                let ix = graph[n];
+                let digest = &plan.digests[ix.index()];
                 let description = def
                     .metadata
-                    .get(&d)
+                    .get(digest)
                     .map(|m| m.description.clone())
                     .unwrap_or_default();
-                match r {
-                    Ok(result) => {
-                        if let Err(e) = self.cache.put(&plan.keys[&d], &result) {
-                            if let Ok(mut f) = failure.lock() {
-                                f.get_or_insert(Error::Cache(e));
-                            }
-                        }
+                let result = match outcome {
+                    Outcome::Executed(r, seconds) => {
                         self.progress.event(ProgressEvent::Done {
                             description: description.clone(),
-                            seconds: secs,
+                            seconds,
                         });
                         report.executed.push(description);
-                        results.insert(d, result);
+                        report.resolved.push((plan.keys[&ix], r.clone()));
+                        r
                     }
-                    Err(message) => {
+                    Outcome::Reused(r) => {
+                        self.progress.event(ProgressEvent::Cached {
+                            description: description.clone(),
+                        });
+                        report.cached.push(description);
+                        report.resolved.push((plan.keys[&ix], r.clone()));
+                        r
+                    }
+                    Outcome::Failed(message) => {
                         self.progress.event(ProgressEvent::Failed {
                             description,
                             message: message.clone(),
                         });
-                        if let Ok(mut f) = failure.lock() {
-                            f.get_or_insert(Self::step_error(def, &d, message));
-                        }
+                        failure.get_or_insert(Self::step_error(def, digest, message));
+                        continue;
+                    }
+                };
+                finished += 1;
+                results.insert(ix, result);
+                for next in graph.neighbors_directed(n, Direction::Outgoing) {
+                    indegree[next.index()] -= 1;
+                    if indegree[next.index()] == 0 {
+                        ready.push_back(next);
                     }
                 }
             }
         });
-        if let Some(e) = failure.into_inner().ok().flatten() {
+        if let Some(e) = failure {
             return Err(e);
         }
         if self.cancel.load(Ordering::SeqCst) {
             return Err(Error::Cancelled);
         }
-        if !pending.is_empty() {
+        if finished != graph.node_count() {
             return Err(Error::InvalidDefinition(
                 "some steps could never run (missing inputs)".into(),
             ));
