@@ -127,6 +127,10 @@ pub struct ExecOp {
     /// Index of the input that is the root filesystem; `None` = scratch.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rootfs_input: Option<u32>,
+    /// `RUN --security=insecure`: all capabilities; needs the `security.insecure`
+    /// entitlement (`--allow security.insecure`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub insecure: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
@@ -160,6 +164,8 @@ pub enum ExecMountKind {
         source: String,
         readwrite: bool,
     },
+    /// A persistent directory shared by every build that names the same `id`; when it is
+    /// created, it starts as a copy of `source` in input `from` (empty when `None`).
     Cache {
         id: String,
         sharing: String,
@@ -167,6 +173,10 @@ pub enum ExecMountKind {
         uid: u32,
         gid: u32,
         readonly: bool,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        from: Option<u32>,
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        source: String,
     },
     Tmpfs {
         size: Option<u64>,

@@ -6,8 +6,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use strata_dag::image::{Empty, HealthConfig, History, ImageConfig};
 use strata_dag::{
-    CopyAction, DefinitionBuilder, ExecOp, FileAction, FileOp, Input, Network, Node, NodeMeta, Op,
-    Owner, Platform, SourceLocation, SourceOp, UserSpec,
+    CopyAction, DefinitionBuilder, ExecMount, ExecMountKind, ExecOp, FileAction, FileOp, Input,
+    Network, Node, NodeMeta, Op, Owner, Platform, SourceLocation, SourceOp, UserSpec,
 };
 
 use crate::instructions::{
@@ -1024,20 +1024,17 @@ impl<'a> Converter<'a> {
         cmd: &Command,
     ) -> Result<(), ConvertError> {
         let loc = cmd.location;
-        if let Some(m) = run.mounts.first() {
-            return Err(ConvertError::at(
-                format!("RUN --mount={m}: --mount is not supported yet"),
-                loc,
-            ));
-        }
-        if let Some(s) = &run.security {
-            if s != "sandbox" {
+        let insecure = match run.security.as_deref() {
+            None | Some("sandbox") => false,
+            Some("insecure") => true,
+            Some(s) => {
                 return Err(ConvertError::at(
-                    format!("RUN --security={s}: not supported yet"),
+                    format!("unsupported security mode {s:?}"),
                     loc,
                 ));
             }
-        }
+        };
+        let (mounts, mount_inputs) = self.lower_mounts(state, run, loc)?;
         let network = match run.network.as_deref() {
             None | Some("default") => Network::Host,
             Some("host") => Network::Host,
@@ -1085,13 +1082,40 @@ impl<'a> Converter<'a> {
             let cmdline = args.join(" ");
             args = with_shell(&state.image, &cmdline);
         }
-        let env: Vec<String> = state.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let mut env: Vec<String> = state.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        // As BuildKit's llb: the first ssh mount's socket is the step's agent.
+        let first_ssh = mounts.iter().find_map(|m| match m.kind {
+            ExecMountKind::Ssh { .. } => Some(m.target.clone()),
+            _ => None,
+        });
+        if let Some(sock) = first_ssh {
+            if !state.env.iter().any(|(k, _)| k == "SSH_AUTH_SOCK") {
+                env.push(format!("SSH_AUTH_SOCK={sock}"));
+            }
+        }
         let description = self.describe(state, &cmd.original);
         let mut inputs = Vec::new();
         let rootfs_input = state.root.clone().map(|r| {
             inputs.push(r);
             0u32
         });
+        // Mount inputs follow the root filesystem; their indices shift by its presence.
+        let offset = inputs.len() as u32;
+        inputs.extend(mount_inputs);
+        let mounts: Vec<ExecMount> = mounts
+            .into_iter()
+            .map(|mut m| {
+                match &mut m.kind {
+                    ExecMountKind::Bind { input, .. } | ExecMountKind::Cache { from: input, .. } => {
+                        if let Some(i) = input {
+                            *i += offset;
+                        }
+                    }
+                    _ => {}
+                }
+                m
+            })
+            .collect();
         let node = Node {
             inputs,
             op: Op::Exec(ExecOp {
@@ -1100,8 +1124,9 @@ impl<'a> Converter<'a> {
                 cwd: state.dir.clone(),
                 user: state.user.clone(),
                 network,
-                mounts: vec![],
+                mounts,
                 rootfs_input,
+                insecure,
             }),
             platform: self.opts.platform.clone(),
         };
@@ -1129,6 +1154,173 @@ impl<'a> Converter<'a> {
         created_by.push_str(" # buildkit");
         Self::history(state, created_by, true);
         Ok(())
+    }
+
+    /// `RUN --mount`s as graph mounts, and the inputs they read (indices into the returned
+    /// list; the caller shifts them past the root filesystem).
+    fn lower_mounts(
+        &mut self,
+        state: &StageState,
+        run: &RunInstr,
+        loc: Location,
+    ) -> Result<(Vec<ExecMount>, Vec<Input>), ConvertError> {
+        let mut mounts = Vec::new();
+        let mut inputs: Vec<Input> = Vec::new();
+        let mut ssh_count = 0;
+        for raw in &run.mounts {
+            let lex = &self.lex;
+            let env = &state.env;
+            let m = crate::runmount::parse_mount(raw, &mut |v| {
+                lex.process_word(v, env).map_err(|e| e.to_string())
+            })
+            .map_err(|e| ConvertError::at(e, loc))?;
+            let mut add_input = |input: Input| -> u32 {
+                match inputs.iter().position(|i| *i == input) {
+                    Some(p) => p as u32,
+                    None => {
+                        inputs.push(input);
+                        (inputs.len() - 1) as u32
+                    }
+                }
+            };
+            use crate::runmount::MountType;
+            match m.kind {
+                MountType::Secret => {
+                    let mut id = if m.source.is_empty() {
+                        m.id.clone()
+                    } else {
+                        m.source.clone()
+                    };
+                    if id.is_empty() {
+                        if m.target.is_empty() {
+                            return Err(ConvertError::at("one of source, target required", loc));
+                        }
+                        id = path_base(&m.target);
+                    }
+                    let target = if m.env.is_none() && m.target.is_empty() {
+                        format!("/run/secrets/{}", path_base(&id))
+                    } else {
+                        m.target.clone()
+                    };
+                    mounts.push(ExecMount {
+                        target,
+                        kind: ExecMountKind::Secret {
+                            id,
+                            required: m.required,
+                            mode: m.mode.unwrap_or(0o400),
+                            uid: m.uid.unwrap_or(0),
+                            gid: m.gid.unwrap_or(0),
+                            env: m.env.clone(),
+                        },
+                    });
+                    continue;
+                }
+                MountType::Ssh => {
+                    if !m.source.is_empty() {
+                        return Err(ConvertError::at("ssh does not support source", loc));
+                    }
+                    let target = if m.target.is_empty() {
+                        format!("/run/buildkit/ssh_agent.{ssh_count}")
+                    } else {
+                        m.target.clone()
+                    };
+                    ssh_count += 1;
+                    mounts.push(ExecMount {
+                        target,
+                        kind: ExecMountKind::Ssh {
+                            id: if m.id.is_empty() {
+                                "default".into()
+                            } else {
+                                m.id.clone()
+                            },
+                            required: m.required,
+                            mode: m.mode.unwrap_or(0o600),
+                            uid: m.uid.unwrap_or(0),
+                            gid: m.gid.unwrap_or(0),
+                        },
+                    });
+                    continue;
+                }
+                _ => {}
+            }
+            let target = if m.target.starts_with('/') {
+                clean_path(&m.target)
+            } else {
+                clean_path(&format!("/{}/{}", state.dir, m.target))
+            };
+            if target == "/" {
+                return Err(ConvertError::at(
+                    format!("invalid mount target {target:?}"),
+                    loc,
+                ));
+            }
+            let source = clean_path(&format!("/{}", m.source));
+            // The input a bind or cache mount reads: a stage, an image, or the context.
+            let from = if m.from.is_empty() {
+                None
+            } else {
+                match self.stage_ref(&m.from, loc)? {
+                    Some(i) => {
+                        if self.in_progress.contains(&i) {
+                            return Err(ConvertError::at(
+                                format!(
+                                    "cannot mount from stage {:?} to {:?}, stage needs to be defined before current command",
+                                    m.from, m.target
+                                ),
+                                loc,
+                            ));
+                        }
+                        self.dispatch_stage(i)?;
+                        // `None`: a scratch stage, an empty directory.
+                        Some(self.done.get(&i).and_then(|s| s.root.clone()))
+                    }
+                    None => {
+                        let resolved = self.resolve_image(&m.from, loc)?;
+                        let description = format!("[internal] FROM {}", resolved.pinned);
+                        Some(Some(self.image_source(&resolved, description)))
+                    }
+                }
+            };
+            let kind = match m.kind {
+                MountType::Tmpfs => ExecMountKind::Tmpfs { size: m.size },
+                MountType::Bind => {
+                    let input = match from {
+                        Some(src) => src.map(&mut add_input),
+                        None => Some(add_input(self.context_input())),
+                    };
+                    ExecMountKind::Bind {
+                        input,
+                        source,
+                        readwrite: !m.readonly,
+                    }
+                }
+                MountType::Cache => ExecMountKind::Cache {
+                    id: if m.id.is_empty() {
+                        clean_path(&m.target)
+                    } else {
+                        m.id.clone()
+                    },
+                    sharing: if m.sharing.is_empty() {
+                        "shared".into()
+                    } else {
+                        m.sharing.clone()
+                    },
+                    mode: m.mode.unwrap_or(0o755),
+                    uid: m.uid.unwrap_or(0),
+                    gid: m.gid.unwrap_or(0),
+                    readonly: m.readonly,
+                    from: from.flatten().map(&mut add_input),
+                    source: if source == "/" {
+                        String::new()
+                    } else {
+                        source
+                    },
+                },
+                MountType::Secret | MountType::Ssh => continue,
+            };
+            mounts.push(ExecMount { target, kind });
+        }
+        Ok((mounts, inputs))
     }
 
     fn dispatch_copy(
@@ -1349,6 +1541,15 @@ impl<'a> Converter<'a> {
         Self::history(state, msg, true);
         Ok(())
     }
+}
+
+/// Go's `path.Base`.
+fn path_base(p: &str) -> String {
+    let t = p.trim_end_matches('/');
+    if t.is_empty() {
+        return if p.is_empty() { ".".into() } else { "/".into() };
+    }
+    t.rsplit('/').next().unwrap_or(t).to_string()
 }
 
 /// Parses an ONBUILD trigger (one instruction) by wrapping it in a throwaway stage.

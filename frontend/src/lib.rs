@@ -13,4 +13,5 @@ pub mod convert;
 pub mod dockerignore;
 pub mod instructions;
 pub mod parser;
+pub mod runmount;
 pub mod shell;

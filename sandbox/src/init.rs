@@ -345,6 +345,7 @@ fn pid1(
             .collect::<Result<_, _>>()?,
         cwd,
         user,
+        privileged: req.process.privileged,
     };
     run_command(&exec)
 }
@@ -386,6 +387,7 @@ struct Exec {
     env: Vec<CString>,
     cwd: PathBuf,
     user: user::ExecUser,
+    privileged: bool,
 }
 
 fn run_command(exec: &Exec) -> Result<Report, SetupError> {
@@ -464,13 +466,18 @@ fn prepare_and_exec(exec: &Exec) -> Result<std::convert::Infallible, SetupError>
     // see the default.
     // SAFETY: installing SIG_DFL has no handler to be unsafe about.
     unsafe { signal(Signal::SIGPIPE, SigHandler::SigDfl) }.ctx(|| "reset SIGPIPE".into())?;
-    caps::limit_bounding_set()?;
+    if !exec.privileged {
+        caps::limit_bounding_set()?;
+    }
     let u = &exec.user;
     let groups: Vec<Gid> = u.groups.iter().map(|g| Gid::from_raw(*g)).collect();
     setgroups(&groups).ctx(|| "set supplementary groups".into())?;
     setgid(Gid::from_raw(u.gid)).ctx(|| format!("set gid {}", u.gid))?;
     setuid(Uid::from_raw(u.uid)).ctx(|| format!("set uid {}", u.uid))?;
-    caps::set_caps(if u.uid == 0 { caps::default_mask() } else { 0 })?;
+    // A privileged step keeps what root has (setuid to non-root clears it anyway).
+    if !exec.privileged {
+        caps::set_caps(if u.uid == 0 { caps::default_mask() } else { 0 })?;
+    }
     chdir(&exec.cwd).ctx(|| format!("chdir to {}", exec.cwd.display()))?;
     umask(Mode::from_bits_truncate(0o022));
     let err = match execve(&exec.path, &exec.args, &exec.env) {

@@ -53,6 +53,9 @@ pub struct ProcessSpec {
     pub user: String,
     pub hostname: String,
     pub network: Network,
+    /// `RUN --security=insecure`: keep every capability instead of Docker's default set.
+    #[serde(default)]
+    pub privileged: bool,
 }
 
 /// An extra mount inside the root (`RUN --mount`), already prepared by the caller.

@@ -94,6 +94,7 @@ fn request(rootfs: Vec<Mount>, script: &str) -> RunRequest {
             user: String::new(),
             hostname: String::new(),
             network: Network::Host,
+            privileged: false,
         },
         mounts: vec![],
         hosts_file: None,

@@ -1,0 +1,524 @@
+//! `RUN --mount`s made ready for the sandbox: snapshot and context binds, persistent cache
+//! directories, tmpfs, secrets and the ssh agent socket. Everything prepared for a step is
+//! undone when its [`PreparedMounts`] is dropped (on success, error and unwinding alike).
+
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::fs;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
+
+use nix::fcntl::{Flock, FlockArg};
+use sha2::{Digest as _, Sha256};
+use strata_dag::{
+    CopyAction, Definition, ExecMount, ExecMountKind, ExecOp, FileAction, FileOp, Op,
+};
+use strata_sandbox::ExtraMount;
+use strata_snapshotter::mount::MountGuard;
+use strata_snapshotter::{Mount, OverlaySnapshotter, Snapshotter};
+
+use crate::fileop::{apply_file_op, SourceRoot};
+use crate::Ref;
+
+/// The entitlement `RUN --security=insecure` needs.
+pub const INSECURE_ENTITLEMENT: &str = "security.insecure";
+
+/// What the client gives RUN steps besides the graph: never part of any cache key.
+#[derive(Clone, Debug, Default)]
+pub struct RunEnv {
+    /// `--secret id=...`: id -> content.
+    pub secrets: BTreeMap<String, Vec<u8>>,
+    /// `--ssh id=socket`: id -> agent socket on the host.
+    pub ssh: BTreeMap<String, PathBuf>,
+    /// `--allow security.insecure`.
+    pub allow_insecure: bool,
+    /// Where cache mounts live (`<store>/cache-mounts`); derived from the mounts dir when
+    /// `None`.
+    pub cache_mounts_dir: Option<PathBuf>,
+}
+
+/// Refuses a definition that needs an entitlement the build was not given, before anything
+/// runs (as BuildKit checks at load time).
+pub fn check_entitlements(def: &Definition, env: &RunEnv) -> Result<(), String> {
+    for node in &def.nodes {
+        if let Op::Exec(e) = &node.op {
+            if e.insecure && !env.allow_insecure {
+                return Err(format!("entitlement {INSECURE_ENTITLEMENT} is not allowed"));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The mounts of one step, ready for the sandbox, and what to undo afterwards.
+pub(crate) struct PreparedMounts {
+    pub mounts: Vec<ExtraMount>,
+    /// `KEY=value` entries of env secrets.
+    pub env: Vec<String>,
+    snapshotter: Arc<OverlaySnapshotter>,
+    guards: Vec<MountGuard>,
+    snapshots: Vec<String>,
+    /// Empty mount point directories to remove.
+    dirs: Vec<PathBuf>,
+    /// Secret directories to remove with their content.
+    trees: Vec<PathBuf>,
+    _locks: Vec<Flock<fs::File>>,
+}
+
+impl Drop for PreparedMounts {
+    fn drop(&mut self) {
+        // Unmount before removing what was mounted; snapshots after their mounts.
+        self.guards.clear();
+        for s in self.snapshots.drain(..) {
+            let _ = self.snapshotter.remove(&s);
+        }
+        for d in self.dirs.drain(..).rev() {
+            let _ = fs::remove_dir(&d);
+        }
+        for t in self.trees.drain(..) {
+            let _ = fs::remove_dir_all(&t);
+        }
+    }
+}
+
+/// Paths and stores a step's mounts are made from.
+pub(crate) struct MountContext<'a> {
+    pub snapshotter: &'a Arc<OverlaySnapshotter>,
+    pub mounts_dir: &'a Path,
+    pub run_env: &'a RunEnv,
+    pub temp_key: &'a dyn Fn(&str) -> String,
+}
+
+impl MountContext<'_> {
+    fn cache_root(&self) -> PathBuf {
+        match &self.run_env.cache_mounts_dir {
+            Some(d) => d.clone(),
+            // mounts_dir is <store>/mounts/<pid>.
+            None => self
+                .mounts_dir
+                .parent()
+                .and_then(Path::parent)
+                .unwrap_or(self.mounts_dir)
+                .join("cache-mounts"),
+        }
+    }
+
+    /// Prepares every mount of `exec` over `inputs`.
+    pub(crate) fn prepare(&self, exec: &ExecOp, inputs: &[Ref]) -> Result<PreparedMounts, String> {
+        let mut p = PreparedMounts {
+            mounts: Vec::new(),
+            env: Vec::new(),
+            snapshotter: self.snapshotter.clone(),
+            guards: Vec::new(),
+            snapshots: Vec::new(),
+            dirs: Vec::new(),
+            trees: Vec::new(),
+            _locks: Vec::new(),
+        };
+        for m in &exec.mounts {
+            self.prepare_one(m, inputs, &mut p)?;
+        }
+        Ok(p)
+    }
+
+    fn prepare_one(
+        &self,
+        m: &ExecMount,
+        inputs: &[Ref],
+        p: &mut PreparedMounts,
+    ) -> Result<(), String> {
+        let target = m.target.clone();
+        match &m.kind {
+            ExecMountKind::Tmpfs { size } => {
+                p.mounts.push(ExtraMount::Tmpfs {
+                    target,
+                    size: *size,
+                });
+            }
+            ExecMountKind::Bind {
+                input,
+                source,
+                readwrite,
+            } => {
+                let root = match input {
+                    None => self.empty_dir(p)?,
+                    Some(i) => self.input_root(inputs, *i, *readwrite, p)?,
+                };
+                let src = resolve_in_root(&root, source)?;
+                if fs::symlink_metadata(&src).is_err() {
+                    return Err(format!("mount {target}: source {source:?}: not found"));
+                }
+                p.mounts.push(ExtraMount::Bind {
+                    source: src,
+                    target,
+                    readonly: !*readwrite,
+                });
+            }
+            ExecMountKind::Cache {
+                id,
+                sharing,
+                mode,
+                uid,
+                gid,
+                readonly,
+                from,
+                source,
+            } => {
+                let seed = match from {
+                    Some(i) => Some((self.input_root(inputs, *i, false, p)?, source.clone())),
+                    None => None,
+                };
+                let dir = self.cache_dir(id, sharing, *mode, *uid, *gid, seed, p)?;
+                p.mounts.push(ExtraMount::Bind {
+                    source: dir,
+                    target,
+                    readonly: *readonly,
+                });
+            }
+            ExecMountKind::Secret {
+                id,
+                required,
+                mode,
+                uid,
+                gid,
+                env,
+            } => {
+                let Some(data) = self.run_env.secrets.get(id) else {
+                    if *required {
+                        return Err(format!("secret {id}: not found"));
+                    }
+                    return Ok(());
+                };
+                if let Some(name) = env {
+                    let value = String::from_utf8(data.clone())
+                        .map_err(|_| format!("secret {id} as env {name}: not valid utf-8"))?;
+                    p.env.push(format!("{name}={value}"));
+                }
+                if !target.is_empty() {
+                    let file = self.secret_file(id, data, *mode, *uid, *gid, p)?;
+                    p.mounts.push(ExtraMount::Bind {
+                        source: file,
+                        target,
+                        readonly: true,
+                    });
+                }
+            }
+            ExecMountKind::Ssh { id, required, .. } => {
+                let Some(sock) = self.run_env.ssh.get(id) else {
+                    if *required {
+                        return Err(format!("no SSH key {id:?} forwarded from the client"));
+                    }
+                    return Ok(());
+                };
+                p.mounts.push(ExtraMount::Bind {
+                    source: sock.clone(),
+                    target,
+                    readonly: false,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn new_dir(&self, prefix: &str, p: &mut PreparedMounts) -> Result<PathBuf, String> {
+        let dir = self.mounts_dir.join((self.temp_key)(prefix));
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+            .map_err(|e| format!("create mount point {}: {e}", dir.display()))?;
+        p.dirs.push(dir.clone());
+        Ok(dir)
+    }
+
+    fn empty_dir(&self, p: &mut PreparedMounts) -> Result<PathBuf, String> {
+        let dir = self.new_dir("empty", p)?;
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755))
+            .map_err(|e| format!("chmod {}: {e}", dir.display()))?;
+        Ok(dir)
+    }
+
+    /// The host directory holding input `i`: a read-only view of a snapshot, or (when
+    /// `writable`) a throwaway active snapshot whose writes are discarded; the context
+    /// itself, or an overlay on it when writable.
+    fn input_root(
+        &self,
+        inputs: &[Ref],
+        i: u32,
+        writable: bool,
+        p: &mut PreparedMounts,
+    ) -> Result<PathBuf, String> {
+        let mounts: Vec<Mount> = match inputs.get(i as usize) {
+            None => return Err(format!("mount reads missing input {i}")),
+            Some(Ref::Local(dir)) if !writable => return Ok(dir.clone()),
+            Some(Ref::Local(dir)) => {
+                let scratch = self.new_dir("rw", p)?;
+                let (upper, work) = (scratch.join("upper"), scratch.join("work"));
+                for d in [&upper, &work] {
+                    fs::create_dir(d).map_err(|e| format!("create {}: {e}", d.display()))?;
+                }
+                p.trees.push(scratch);
+                vec![Mount {
+                    kind: "overlay".into(),
+                    source: "overlay".into(),
+                    options: vec![
+                        format!("lowerdir={}", dir.display()),
+                        format!("upperdir={}", upper.display()),
+                        format!("workdir={}", work.display()),
+                    ],
+                }]
+            }
+            Some(Ref::Scratch) if !writable => return self.empty_dir(p),
+            Some(r) => {
+                let parent = r.snapshot_name().unwrap_or_default().to_string();
+                let key = (self.temp_key)(if writable { "bind-rw" } else { "bind" });
+                let mounts = if writable {
+                    self.snapshotter.prepare(&key, &parent)
+                } else {
+                    self.snapshotter.view(&key, &parent)
+                }
+                .map_err(|e| format!("prepare mount snapshot: {e}"))?;
+                p.snapshots.push(key);
+                mounts
+            }
+        };
+        let target = self.new_dir("mnt", p)?;
+        let guard =
+            MountGuard::mount(&mounts, &target).map_err(|e| format!("mount input {i}: {e}"))?;
+        p.guards.push(guard);
+        Ok(target)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn cache_dir(
+        &self,
+        id: &str,
+        sharing: &str,
+        mode: u32,
+        uid: u32,
+        gid: u32,
+        seed: Option<(PathBuf, String)>,
+        p: &mut PreparedMounts,
+    ) -> Result<PathBuf, String> {
+        let base = self
+            .cache_root()
+            .join(hex::encode(Sha256::digest(id.as_bytes())));
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&base)
+            .map_err(|e| format!("create cache mount {id}: {e}"))?;
+        let lock = |name: &str, arg: FlockArg| -> Result<Option<Flock<fs::File>>, String> {
+            let path = base.join(format!("{name}.lock"));
+            let file = fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .mode(0o600)
+                .open(&path)
+                .map_err(|e| format!("open cache lock {}: {e}", path.display()))?;
+            match Flock::lock(file, arg) {
+                Ok(l) => Ok(Some(l)),
+                Err((_, nix::errno::Errno::EWOULDBLOCK)) => Ok(None),
+                Err((_, e)) => Err(format!("lock cache mount {id}: {e}")),
+            }
+        };
+        let name = match sharing {
+            "locked" => {
+                // Held until the step is done: other users of the id wait here.
+                if let Some(l) = lock("data", FlockArg::LockExclusive)? {
+                    p._locks.push(l);
+                }
+                "data".to_string()
+            }
+            "private" => {
+                // The first directory nobody else holds; a new one when all are busy.
+                let mut n = 0usize;
+                loop {
+                    let name = if n == 0 {
+                        "data".to_string()
+                    } else {
+                        format!("data-{n}")
+                    };
+                    if let Some(l) = lock(&name, FlockArg::LockExclusiveNonblock)? {
+                        p._locks.push(l);
+                        break name;
+                    }
+                    n += 1;
+                }
+            }
+            _ => "data".to_string(),
+        };
+        let dir = base.join(&name);
+        if fs::symlink_metadata(&dir).is_err() {
+            // Made complete under a temporary name, then renamed: a concurrent user sees
+            // either nothing or the whole seeded directory.
+            let tmp = base.join((self.temp_key)("new"));
+            fs::DirBuilder::new()
+                .mode(0o700)
+                .create(&tmp)
+                .map_err(|e| format!("create cache mount {id}: {e}"))?;
+            let made = (|| {
+                if let Some((root, source)) = &seed {
+                    seed_cache(root, source, &tmp)?;
+                }
+                nix::unistd::chown(
+                    &tmp,
+                    Some(nix::unistd::Uid::from_raw(uid)),
+                    Some(nix::unistd::Gid::from_raw(gid)),
+                )
+                .map_err(|e| format!("chown cache mount {id}: {e}"))?;
+                fs::set_permissions(&tmp, fs::Permissions::from_mode(mode & 0o7777))
+                    .map_err(|e| format!("chmod cache mount {id}: {e}"))?;
+                fs::rename(&tmp, &dir).or_else(|e| {
+                    // Another build made it first: use theirs.
+                    if dir.is_dir() {
+                        Ok(())
+                    } else {
+                        Err(format!("create cache mount {id}: {e}"))
+                    }
+                })
+            })();
+            if fs::symlink_metadata(&tmp).is_ok() {
+                let _ = fs::remove_dir_all(&tmp);
+            }
+            made?;
+        }
+        Ok(dir)
+    }
+
+    fn secret_file(
+        &self,
+        id: &str,
+        data: &[u8],
+        mode: u32,
+        uid: u32,
+        gid: u32,
+        p: &mut PreparedMounts,
+    ) -> Result<PathBuf, String> {
+        // Outside the store (preferably in memory), readable by root only.
+        let base = ["/dev/shm", "/run"]
+            .iter()
+            .map(PathBuf::from)
+            .find(|d| d.is_dir())
+            .unwrap_or_else(std::env::temp_dir);
+        let dir = base.join((self.temp_key)("strata-secret"));
+        fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&dir)
+            .map_err(|e| format!("create secret dir {}: {e}", dir.display()))?;
+        p.trees.push(dir.clone());
+        let file = dir.join("secret");
+        fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&file)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, data))
+            .map_err(|e| format!("write secret {id}: {e}"))?;
+        nix::unistd::chown(
+            &file,
+            Some(nix::unistd::Uid::from_raw(uid)),
+            Some(nix::unistd::Gid::from_raw(gid)),
+        )
+        .map_err(|e| format!("chown secret {id}: {e}"))?;
+        fs::set_permissions(&file, fs::Permissions::from_mode(mode & 0o7777))
+            .map_err(|e| format!("chmod secret {id}: {e}"))?;
+        Ok(file)
+    }
+}
+
+/// Copies `source` of `root` (its content, when a directory) into the new cache dir `dest`.
+fn seed_cache(root: &Path, source: &str, dest: &Path) -> Result<(), String> {
+    let src = if source.is_empty() { "/" } else { source };
+    let op = FileOp {
+        base_input: None,
+        actions: vec![FileAction::Copy(CopyAction {
+            src_input: 0,
+            src: src.to_string(),
+            dest: "/".into(),
+            owner: None,
+            mode: None,
+            follow_symlinks: true,
+            dir_contents_only: true,
+            allow_wildcard: false,
+            allow_empty_wildcard: false,
+            create_dest_path: true,
+            attempt_unpack: false,
+            exclude: vec![],
+        })],
+    };
+    let sources = [Some(SourceRoot {
+        path: root,
+        ignore: None,
+        is_context: false,
+    })];
+    apply_file_op(dest, &op, &sources).map_err(|e| format!("seed cache mount: {e}"))
+}
+
+/// `path` inside `root`, symlinks resolved without leaving `root`, so a hostile source tree
+/// cannot point a bind mount at the host.
+pub(crate) fn resolve_in_root(root: &Path, path: &str) -> Result<PathBuf, String> {
+    const MAX_LINKS: usize = 40;
+    let mut pending: Vec<OsString> = components(Path::new(path));
+    pending.reverse();
+    let mut resolved = PathBuf::new();
+    let mut links = 0;
+    while let Some(c) = pending.pop() {
+        if c == ".." {
+            resolved.pop();
+            continue;
+        }
+        let next = resolved.join(&c);
+        let host = root.join(&next);
+        match fs::symlink_metadata(&host) {
+            Ok(meta) if meta.file_type().is_symlink() => {
+                links += 1;
+                if links > MAX_LINKS {
+                    return Err(format!("resolve {path}: too many levels of symbolic links"));
+                }
+                let target = fs::read_link(&host).map_err(|e| format!("read link {path}: {e}"))?;
+                if target.is_absolute() {
+                    resolved = PathBuf::new();
+                }
+                let mut more = components(&target);
+                more.reverse();
+                pending.extend(more);
+            }
+            _ => resolved = next,
+        }
+    }
+    Ok(root.join(resolved))
+}
+
+fn components(p: &Path) -> Vec<OsString> {
+    p.components()
+        .filter_map(|c| match c {
+            Component::Normal(n) => Some(n.to_os_string()),
+            Component::ParentDir => Some(OsString::from("..")),
+            _ => None,
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resolve_stays_inside_root() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        fs::create_dir_all(root.join("a/b")).unwrap();
+        std::os::unix::fs::symlink("/etc", root.join("a/abs")).unwrap();
+        std::os::unix::fs::symlink("../../../..", root.join("a/b/up")).unwrap();
+        assert_eq!(resolve_in_root(root, "/a/abs").unwrap(), root.join("etc"));
+        assert_eq!(resolve_in_root(root, "a/b/up/x").unwrap(), root.join("x"));
+        assert_eq!(resolve_in_root(root, "/../../a").unwrap(), root.join("a"));
+        std::os::unix::fs::symlink("loop", root.join("loop")).unwrap();
+        assert!(resolve_in_root(root, "/loop")
+            .unwrap_err()
+            .contains("too many levels"));
+    }
+}
