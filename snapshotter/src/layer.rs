@@ -785,6 +785,14 @@ fn layer_xattrs(path: &Path) -> Result<Vec<(String, Vec<u8>)>> {
     };
     for name in names {
         let Some(n) = name.to_str() else { continue };
+        if n == "trusted.overlay.metacopy" || n == "trusted.overlay.redirect" {
+            // The data or the contents live in another layer: an upper made with
+            // metacopy=on or redirect_dir=on cannot be written as a standalone layer.
+            return Err(Error::InvalidArgument(format!(
+                "{} carries {n}; mount overlays with metacopy=off and redirect_dir=off",
+                path.display()
+            )));
+        }
         if n.starts_with("trusted.overlay.") {
             continue;
         }

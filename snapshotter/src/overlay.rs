@@ -192,6 +192,25 @@ fn parent_ids(tx: &impl Reader, rec: &Record) -> Result<Vec<u64>> {
     Ok(ids)
 }
 
+/// Options turning off overlayfs features this kernel enables by default that would make
+/// an upper dir unfit to be a layer on its own: metacopy (data left in the lower layer),
+/// redirect_dir (renamed dirs point into the lower layer), index (ties lowers to uppers).
+/// Empty on kernels where all are off already, as is the stock default.
+fn feature_overrides() -> &'static [String] {
+    static OVERRIDES: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    OVERRIDES.get_or_init(|| {
+        ["metacopy", "redirect_dir", "index"]
+            .iter()
+            .filter(|name| {
+                fs::read_to_string(format!("/sys/module/overlay/parameters/{name}"))
+                    .map(|v| matches!(v.trim(), "Y" | "on" | "follow" | "nofollow"))
+                    .unwrap_or(false)
+            })
+            .map(|name| format!("{name}=off"))
+            .collect()
+    })
+}
+
 impl OverlaySnapshotter {
     /// Opens (creating if needed) a snapshotter rooted at `root`.
     pub fn open(root: &Path) -> Result<Self> {
@@ -387,6 +406,7 @@ impl OverlaySnapshotter {
             if rec.kind == Kind::Active {
                 opts.push(format!("upperdir={prefix}snapshots/{}/fs", rec.id));
                 opts.push(format!("workdir={prefix}snapshots/{}/work", rec.id));
+                opts.extend(feature_overrides().iter().cloned());
             }
             opts
         };

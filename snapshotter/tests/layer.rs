@@ -417,3 +417,12 @@ fn oci_whiteouts_become_overlay_ones() {
     );
     assert_eq!(fs::read(dst.path().join("x/kept")).unwrap(), b"k");
 }
+
+#[test]
+fn metacopy_uppers_are_refused() {
+    let src = tempfile::tempdir().unwrap();
+    fs::write(src.path().join("f"), "").unwrap();
+    xattr::set(src.path().join("f"), "trusted.overlay.metacopy", b"").unwrap();
+    let r = write_layer(src.path(), Vec::new(), &DiffOptions::default());
+    assert!(matches!(r, Err(Error::InvalidArgument(_))), "{r:?}");
+}
