@@ -1106,7 +1106,8 @@ impl<'a> Converter<'a> {
             .into_iter()
             .map(|mut m| {
                 match &mut m.kind {
-                    ExecMountKind::Bind { input, .. } | ExecMountKind::Cache { from: input, .. } => {
+                    ExecMountKind::Bind { input, .. }
+                    | ExecMountKind::Cache { from: input, .. } => {
                         if let Some(i) = input {
                             *i += offset;
                         }
@@ -1310,11 +1311,7 @@ impl<'a> Converter<'a> {
                     gid: m.gid.unwrap_or(0),
                     readonly: m.readonly,
                     from: from.flatten().map(&mut add_input),
-                    source: if source == "/" {
-                        String::new()
-                    } else {
-                        source
-                    },
+                    source: if source == "/" { String::new() } else { source },
                 },
                 MountType::Secret | MountType::Ssh => continue,
             };
