@@ -127,6 +127,15 @@ pub struct BuildArgs {
     /// Set the target platform (only linux/amd64 is built).
     #[arg(long)]
     pub platform: Option<String>,
+    /// Secret to expose to the build (id=mysecret[,src=/local/secret|,env=VAR]).
+    #[arg(long = "secret", value_name = "SPEC")]
+    pub secrets: Vec<String>,
+    /// SSH agent socket to expose to the build (default|<id>[=<socket>]).
+    #[arg(long = "ssh", value_name = "SPEC")]
+    pub ssh: Vec<String>,
+    /// Allow an extra privileged entitlement (security.insecure).
+    #[arg(long = "allow", value_name = "ENTITLEMENT", value_delimiter = ',')]
+    pub allow: Vec<String>,
     /// Build context directory.
     pub context: PathBuf,
 }

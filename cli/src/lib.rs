@@ -3,6 +3,7 @@
 mod args;
 mod commands;
 mod diagnostics;
+mod runopts;
 mod store;
 
 use clap::Parser;

@@ -46,6 +46,11 @@ impl Store {
     pub fn images_dir(&self) -> PathBuf {
         self.root.join("images")
     }
+
+    /// Persistent `RUN --mount=type=cache` directories, one per cache id.
+    pub fn cache_mounts_dir(&self) -> PathBuf {
+        self.root.join("cache-mounts")
+    }
 }
 
 impl Drop for Store {

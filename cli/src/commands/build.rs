@@ -253,7 +253,14 @@ pub fn run(cli: &Cli, args: &BuildArgs) -> Result<i32> {
         eprintln!("[Warning] One or more build-args [{a}] were not consumed");
     }
 
+    let mut run_env = crate::runopts::run_env(&args.secrets, &args.ssh, &args.allow)?;
+    if let Err(e) = strata_solver::runmount::check_entitlements(&plan.definition, &run_env) {
+        eprintln!("ERROR: failed to solve: {e}");
+        return Ok(1);
+    }
+
     let store = Store::open(&cli.root)?;
+    run_env.cache_mounts_dir = Some(store.cache_mounts_dir());
     watch_for_cancel(store.mounts_dir.clone());
     let ignore = if ignore_patterns.is_empty() {
         None
@@ -262,7 +269,7 @@ pub fn run(cli: &Cli, args: &BuildArgs) -> Result<i32> {
     };
     let init_exe = std::fs::read_link("/proc/self/exe").context("find the strata binary")?;
     let stat_cache = Arc::new(StatCache::open(&store.root.join("statcache-v1")));
-    let worker = RealWorker::new(
+    let mut worker = RealWorker::new(
         store.snapshotter.clone(),
         store.content.clone(),
         Arc::new(client),
@@ -272,6 +279,7 @@ pub fn run(cli: &Cli, args: &BuildArgs) -> Result<i32> {
         ignore,
         stat_cache.clone(),
     );
+    worker.run_env = run_env;
     let parallelism = args.max_parallelism.unwrap_or_else(|| {
         std::thread::available_parallelism()
             .map(|n| n.get())
