@@ -52,6 +52,39 @@ pub enum Command {
         #[arg(long)]
         all: bool,
     },
+    /// Create a tag TARGET that refers to the image SOURCE.
+    Tag { source: String, target: String },
+    /// Print an image's config JSON as stored.
+    Inspect { name: String },
+    /// Show the history of an image.
+    History {
+        name: String,
+        /// Do not truncate output.
+        #[arg(long)]
+        no_trunc: bool,
+    },
+    /// Save images to a `docker load` tar archive (stdout without -o).
+    Save {
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+    /// Load images from a `docker save` tar archive (stdin without -i).
+    Load {
+        #[arg(short, long)]
+        input: Option<PathBuf>,
+        #[arg(short, long)]
+        quiet: bool,
+    },
+    /// Push an image of the local store to the registry its name names.
+    Push { name: String },
+    /// Pull an image into the local store (layers are unpacked when a build uses them).
+    Pull {
+        name: String,
+        #[arg(long)]
+        platform: Option<String>,
+    },
     /// Inspect the frontend's work.
     Debug {
         #[command(subcommand)]

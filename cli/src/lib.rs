@@ -2,6 +2,7 @@
 
 mod args;
 mod commands;
+mod config;
 mod diagnostics;
 mod runopts;
 mod store;

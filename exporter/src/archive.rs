@@ -253,74 +253,95 @@ pub fn write_docker_archive_to(
     tags: &[String],
     w: impl Write,
 ) -> Result<()> {
-    let repo_tags = tags
-        .iter()
-        .map(|t| parse_image_name(t))
-        .collect::<Result<Vec<_>>>()?;
-    let (_, manifest) = read_manifest_bytes(store, image)?;
-    let config = read_config(store, image)?;
-    let diff_ids = config.rootfs().diff_ids();
-    if diff_ids.len() != manifest.layers().len() {
-        return Err(Error::InvalidData(format!(
-            "image {}: {} layers but {} diff ids",
-            image.manifest_digest,
-            manifest.layers().len(),
-            diff_ids.len()
-        )));
-    }
+    write_docker_archive_multi_to(store, &[(image.clone(), tags.to_vec())], w)
+}
 
+/// [`write_docker_archive_to`] for several images (each with its tags) in one archive, as
+/// `docker save A B` makes; layers and configs they share are written once.
+pub fn write_docker_archive_multi_to(
+    store: &ContentStore,
+    images: &[(ImageRecord, Vec<String>)],
+    w: impl Write,
+) -> Result<()> {
     let mut tar = tar::Builder::new(w);
-    let config_name = format!("{}.json", image.config_digest.hex());
-    let config_size = manifest.config().size();
-    let f = open_blob(store, &image.config_digest, config_size)?;
-    append_reader(&mut tar, &config_name, config_size, BufReader::new(f))?;
-
-    let mut layer_paths = Vec::new();
     let mut written = HashSet::new();
-    for (desc, diff_id) in manifest.layers().iter().zip(diff_ids) {
-        let diff_id = Digest::parse(diff_id)
-            .ok_or_else(|| Error::InvalidData(format!("invalid diff id {diff_id:?}")))?;
-        let dir = diff_id.hex().to_string();
-        let path = format!("{dir}/layer.tar");
-        if written.insert(dir.clone()) {
-            let blob = dag_digest(desc.digest())?;
-            let size = uncompressed_size(store, &blob, desc.size(), &diff_id)?;
-            append_dir(&mut tar, &format!("{dir}/"))?;
-            let r = open_uncompressed(store, &blob, desc.size())?;
-            append_reader(&mut tar, &path, size, r)?;
+    let mut entries = Vec::new();
+    let mut repos: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
+    for (image, tags) in images {
+        let repo_tags = tags
+            .iter()
+            .map(|t| parse_image_name(t))
+            .collect::<Result<Vec<_>>>()?;
+        let (_, manifest) = read_manifest_bytes(store, image)?;
+        let config = read_config(store, image)?;
+        let diff_ids = config.rootfs().diff_ids();
+        if diff_ids.len() != manifest.layers().len() {
+            return Err(Error::InvalidData(format!(
+                "image {}: {} layers but {} diff ids",
+                image.manifest_digest,
+                manifest.layers().len(),
+                diff_ids.len()
+            )));
         }
-        layer_paths.push(path);
+        let config_name = format!("{}.json", image.config_digest.hex());
+        if written.insert(config_name.clone()) {
+            let config_size = manifest.config().size();
+            let f = open_blob(store, &image.config_digest, config_size)?;
+            append_reader(&mut tar, &config_name, config_size, BufReader::new(f))?;
+        }
+        let mut layer_paths = Vec::new();
+        for (desc, diff_id) in manifest.layers().iter().zip(diff_ids) {
+            let diff_id = Digest::parse(diff_id)
+                .ok_or_else(|| Error::InvalidData(format!("invalid diff id {diff_id:?}")))?;
+            let dir = diff_id.hex().to_string();
+            let path = format!("{dir}/layer.tar");
+            if written.insert(dir.clone()) {
+                let blob = dag_digest(desc.digest())?;
+                let size = uncompressed_size(store, &blob, desc.size(), &diff_id)?;
+                append_dir(&mut tar, &format!("{dir}/"))?;
+                let r = open_uncompressed(store, &blob, desc.size())?;
+                append_reader(&mut tar, &path, size, r)?;
+            }
+            layer_paths.push(path);
+        }
+        if let Some(top) = layer_paths.last().and_then(|p| p.split('/').next()) {
+            for (n, t) in &repo_tags {
+                repos
+                    .entry(n.clone())
+                    .or_default()
+                    .insert(t.clone(), top.to_string());
+            }
+        }
+        entries.push(serde_json::json!({
+            "Config": config_name,
+            "RepoTags": repo_tags.iter().map(|(n, t)| format!("{n}:{t}")).collect::<Vec<_>>(),
+            "Layers": layer_paths,
+        }));
     }
-
-    let manifest_json = serde_json::json!([{
-        "Config": config_name,
-        "RepoTags": repo_tags.iter().map(|(n, t)| format!("{n}:{t}")).collect::<Vec<_>>(),
-        "Layers": layer_paths,
-    }]);
     append_bytes(
         &mut tar,
         "manifest.json",
-        &canonical_json("docker manifest.json", &manifest_json)?,
+        &canonical_json("docker manifest.json", &serde_json::Value::Array(entries))?,
     )?;
-    if let Some(top) = layer_paths.last().and_then(|p| p.split('/').next()) {
-        let mut repos: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
-        for (n, t) in &repo_tags {
-            repos
-                .entry(n.clone())
-                .or_default()
-                .insert(t.clone(), top.to_string());
-        }
-        if !repos.is_empty() {
-            append_bytes(
-                &mut tar,
-                "repositories",
-                &canonical_json("docker repositories", &repos)?,
-            )?;
-        }
+    if !repos.is_empty() {
+        append_bytes(
+            &mut tar,
+            "repositories",
+            &canonical_json("docker repositories", &repos)?,
+        )?;
     }
     tar.into_inner()
         .and_then(|mut w| w.flush())
         .map_err(|e| Error::io("finish docker archive", e))
+}
+
+/// Several images in one `docker load` tar at `out`.
+pub fn write_docker_archive_multi(
+    store: &ContentStore,
+    images: &[(ImageRecord, Vec<String>)],
+    out: &Path,
+) -> Result<()> {
+    write_atomically(out, |w| write_docker_archive_multi_to(store, images, w))
 }
 
 /// Writes the image as a `docker load` tar at `out`, tagged with `tags` (`app`,

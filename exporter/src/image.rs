@@ -79,9 +79,25 @@ fn assemble(
     normalize_history(obj, layers.len());
 
     let config_bytes = canonical_json("image config", &config)?;
-    let config_digest = Digest::of(&config_bytes);
+    write_manifest_for_config(store, layers, &config_bytes, oci_media_types)
+}
+
+/// Stores `config_bytes` as they are (a loaded or pulled image keeps its image ID) and
+/// writes a manifest for it and `layers`, whose blobs must be in the store.
+pub fn write_manifest_for_config(
+    store: &ContentStore,
+    layers: &[LayerBlob],
+    config_bytes: &[u8],
+    oci_media_types: bool,
+) -> Result<ImageRecord> {
+    for l in layers {
+        if !store.exists(&l.digest) {
+            return Err(Error::NotFound(format!("layer blob {}", l.digest)));
+        }
+    }
+    let config_digest = Digest::of(config_bytes);
     let (_, config_size) = store
-        .put(&config_bytes, Some(&config_digest))
+        .put(config_bytes, Some(&config_digest))
         .map_err(|e| Error::content("store image config", e))?;
 
     let (manifest_type, config_type) = if oci_media_types {

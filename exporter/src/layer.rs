@@ -44,6 +44,15 @@ impl Compression {
         }
     }
 
+    /// buildx's name for it: `gzip`, `zstd` or `uncompressed`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Compression::Gzip { .. } => "gzip",
+            Compression::Zstd { .. } => "zstd",
+            Compression::Uncompressed => "uncompressed",
+        }
+    }
+
     /// Parses buildx's `compression=` / `compression-level=` values.
     pub fn from_name(name: &str, level: Option<i32>) -> Result<Self> {
         let c = match name {
@@ -199,6 +208,64 @@ pub fn export_layers(
     match first_err {
         Some(e) => Err(e),
         None => Ok(out),
+    }
+}
+
+/// Re-compresses a stored layer blob with `compression` (for `force-compression`): the
+/// blob is decompressed and compressed again as a stream, and the uncompressed bytes
+/// must hash to the blob's diff ID, so the new blob is the same layer.
+pub fn recompress_blob(
+    store: &ContentStore,
+    blob: &LayerBlob,
+    compression: &Compression,
+) -> Result<LayerBlob> {
+    compression.validate()?;
+    let file = store
+        .open_blob(&blob.digest)
+        .map_err(|e| Error::content(format!("open layer blob {}", blob.digest), e))?;
+    let writer = store
+        .writer()
+        .map_err(|e| Error::content("open content writer for layer", e))?;
+    let expected = blob.diff_id.clone();
+    let (out, writer) = compress_pipeline(compression, writer, move |w| {
+        let mut r = io::BufReader::new(file);
+        let kind = {
+            let head = io::BufRead::fill_buf(&mut r)
+                .map_err(|e| Error::io("read layer blob to re-compress", e))?;
+            detect(head)
+        };
+        let mut plain = decompressor(kind, r).map_err(|e| Error::io("decompress layer blob", e))?;
+        io::copy(&mut plain, w).map_err(|e| Error::io("decompress layer blob", e))?;
+        Ok(expected)
+    })?;
+    if out.reported != out.diff_id {
+        return Err(Error::InvalidData(format!(
+            "layer blob {} decompresses to {}, not its diff id {}",
+            blob.digest, out.diff_id, out.reported
+        )));
+    }
+    let (digest, size) = writer
+        .commit(None)
+        .map_err(|e| Error::content("commit re-compressed layer blob", e))?;
+    Ok(LayerBlob {
+        digest,
+        size,
+        media_type: compression.media_type().to_string(),
+        diff_id: out.diff_id,
+        uncompressed_size: out.uncompressed_size,
+    })
+}
+
+/// The compression a layer media type (OCI or Docker) names.
+pub fn compression_of_media_type(media_type: &str) -> Option<&'static str> {
+    match media_type {
+        "application/vnd.oci.image.layer.v1.tar+gzip"
+        | "application/vnd.docker.image.rootfs.diff.tar.gzip" => Some("gzip"),
+        "application/vnd.oci.image.layer.v1.tar+zstd"
+        | "application/vnd.docker.image.rootfs.diff.tar.zstd" => Some("zstd"),
+        "application/vnd.oci.image.layer.v1.tar"
+        | "application/vnd.docker.image.rootfs.diff.tar" => Some("uncompressed"),
+        _ => None,
     }
 }
 

@@ -12,20 +12,25 @@
 mod archive;
 mod image;
 mod layer;
+mod load;
 mod local;
 mod names;
 mod push;
 mod store;
 
 pub use archive::{
-    write_docker_archive, write_docker_archive_to, write_oci_archive, write_oci_archive_to,
-    write_oci_dir,
+    write_docker_archive, write_docker_archive_multi, write_docker_archive_multi_to,
+    write_docker_archive_to, write_oci_archive, write_oci_archive_to, write_oci_dir,
 };
 pub use image::{
-    read_config, read_image_config, read_manifest, write_image, write_image_config, ImageRecord,
-    DOCKER_CONFIG, DOCKER_LAYER, DOCKER_LAYER_GZIP, DOCKER_LAYER_ZSTD, DOCKER_MANIFEST,
+    read_config, read_image_config, read_manifest, write_image, write_image_config,
+    write_manifest_for_config, ImageRecord, DOCKER_CONFIG, DOCKER_LAYER, DOCKER_LAYER_GZIP,
+    DOCKER_LAYER_ZSTD, DOCKER_MANIFEST,
 };
-pub use layer::{export_layer, export_layers, Compression, LayerBlob};
+pub use layer::{
+    compression_of_media_type, export_layer, export_layers, recompress_blob, Compression, LayerBlob,
+};
+pub use load::{layer_reader, load_docker_archive, pull_image, LoadedImage};
 pub use local::copy_rootfs;
 pub use names::parse_image_name;
 pub use push::{push_image, push_image_report, PushReport};

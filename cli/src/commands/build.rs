@@ -8,18 +8,14 @@ use std::sync::Arc;
 use anyhow::{anyhow, bail, Context, Result};
 use strata_dag::image::ImageConfig;
 use strata_dag::Platform;
-use strata_exporter::{Compression, ImageRecord, ImageStore, LayerBlob};
 use strata_frontend::convert::{convert, ConvertOptions, ImageResolver, ResolvedImage};
 use strata_frontend::dockerignore::{read_ignore_file, PatternMatcher};
-use strata_registry::{Client, ClientConfig, Reference};
+use strata_registry::{Client, Reference};
 use strata_sandbox::Sandbox;
-use strata_snapshotter::layer::DiffOptions;
-use strata_snapshotter::mount::MountGuard;
-use strata_snapshotter::Snapshotter;
 use strata_solver::contenthash::StatCache;
 use strata_solver::progress::{PlainProgress, Progress, ProgressEvent};
-use strata_solver::worker::{snapshot_chain, RealWorker, LABEL_BLOB};
-use strata_solver::{Ref, Solver};
+use strata_solver::worker::RealWorker;
+use strata_solver::Solver;
 
 use crate::args::{BuildArgs, Cli, ProgressMode};
 use crate::diagnostics;
@@ -44,48 +40,6 @@ fn watch_for_cancel(mounts_dir: PathBuf) {
         }
         std::thread::sleep(std::time::Duration::from_millis(50));
     });
-}
-
-/// One requested output.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Output {
-    Image,
-    Registry,
-    Oci(PathBuf),
-    Docker(PathBuf),
-    Local(PathBuf),
-}
-
-fn parse_output(spec: &str) -> Result<Output> {
-    let mut fields: BTreeMap<String, String> = BTreeMap::new();
-    for part in spec.split(',') {
-        let (k, v) = part.split_once('=').unwrap_or(("type", part));
-        fields.insert(k.trim().to_string(), v.trim().to_string());
-    }
-    let kind = fields
-        .get("type")
-        .cloned()
-        .unwrap_or_else(|| "local".into());
-    let dest = || -> Result<PathBuf> {
-        fields
-            .get("dest")
-            .map(PathBuf::from)
-            .ok_or_else(|| anyhow!("output type={kind} needs dest=PATH"))
-    };
-    match kind.as_str() {
-        "image" => Ok(Output::Image),
-        "registry" => Ok(Output::Registry),
-        "oci" => Ok(Output::Oci(dest()?)),
-        "docker" => match fields.get("dest") {
-            Some(d) => Ok(Output::Docker(PathBuf::from(d))),
-            None => Ok(Output::Image),
-        },
-        "local" => Ok(Output::Local(dest()?)),
-        "tar" => bail!("output type \"tar\" is not supported yet"),
-        other => {
-            bail!("unknown output type \"{other}\" (want image, registry, oci, docker or local)")
-        }
-    }
 }
 
 struct RegistryResolver<'a> {
@@ -140,15 +94,6 @@ fn read_dockerignore(dockerfile: &Path, context: &Path) -> Result<Vec<String>> {
     Ok(Vec::new())
 }
 
-fn now_rfc3339(epoch: Option<i64>) -> String {
-    match epoch {
-        Some(e) => chrono::DateTime::from_timestamp(e, 0)
-            .unwrap_or_default()
-            .to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
-        None => chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Nanos, true),
-    }
-}
-
 pub fn run(cli: &Cli, args: &BuildArgs) -> Result<i32> {
     unsafe {
         libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
@@ -177,20 +122,7 @@ pub fn run(cli: &Cli, args: &BuildArgs) -> Result<i32> {
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "Dockerfile".into());
 
-    let mut outputs: Vec<Output> = args
-        .outputs
-        .iter()
-        .map(|o| parse_output(o))
-        .collect::<Result<_>>()?;
-    if args.push {
-        outputs.push(Output::Registry);
-    }
-    if args.load || (outputs.is_empty() && !args.tags.is_empty()) {
-        outputs.push(Output::Image);
-    }
-    if outputs.contains(&Output::Registry) && args.tags.is_empty() {
-        bail!("--push needs an image name (-t NAME)");
-    }
+    let outputs = super::outputs::parse_outputs(args)?;
 
     let build_args = parse_build_args(&args.build_args);
     let source_date_epoch = build_args
@@ -203,9 +135,7 @@ pub fn run(cli: &Cli, args: &BuildArgs) -> Result<i32> {
         })
         .transpose()?;
 
-    let client = Client::new(ClientConfig {
-        insecure: cli.insecure_registries.clone(),
-    });
+    let client = crate::config::registry_client(cli)?;
     let ignore_patterns = read_dockerignore(&dockerfile_path, &context)?;
     let opts = ConvertOptions {
         build_args,
@@ -322,153 +252,18 @@ pub fn run(cli: &Cli, args: &BuildArgs) -> Result<i32> {
     }
 
     let epoch = source_date_epoch;
-    let exported = export_image(&store, &worker, &result, plan.image, epoch, &progress)?;
-    let digest = exported.manifest_digest.to_string();
-    progress.event(ProgressEvent::Info {
-        message: format!("#exporting writing image {digest} done"),
-    });
-    for out in &outputs {
-        match out {
-            Output::Image => {
-                let images = ImageStore::open(&store.images_dir())?;
-                let created = chrono::Utc::now().timestamp();
-                if args.tags.is_empty() {
-                    images.tag(
-                        &format!("<none>@{}", exported.config_digest),
-                        &exported,
-                        created,
-                    )?;
-                }
-                for t in &args.tags {
-                    images.tag(t, &exported, created)?;
-                    progress.event(ProgressEvent::Info {
-                        message: format!("naming to {t} done"),
-                    });
-                }
-            }
-            Output::Registry => {
-                let client = Client::new(ClientConfig {
-                    insecure: cli.insecure_registries.clone(),
-                });
-                for t in &args.tags {
-                    let reference = Reference::parse(t).map_err(|e| anyhow!("{e}"))?;
-                    let pushed =
-                        strata_exporter::push_image(&client, &store.content, &exported, &reference)
-                            .with_context(|| format!("push {t}"))?;
-                    progress.event(ProgressEvent::Info {
-                        message: format!("pushing {t} {pushed} done"),
-                    });
-                }
-            }
-            Output::Oci(dest) => {
-                let name = args.tags.first().map(String::as_str);
-                strata_exporter::write_oci_archive(&store.content, &exported, name, dest)
-                    .with_context(|| format!("write {}", dest.display()))?;
-            }
-            Output::Docker(dest) => {
-                strata_exporter::write_docker_archive(&store.content, &exported, &args.tags, dest)
-                    .with_context(|| format!("write {}", dest.display()))?;
-            }
-            Output::Local(dest) => export_local(&store, &result, dest)?,
-        }
-    }
-    if let Some(path) = &args.iidfile {
-        std::fs::write(path, exported.config_digest.to_string())?;
-    }
-    if let Some(path) = &args.metadata_file {
-        let meta = serde_json::json!({
-            "containerimage.digest": exported.manifest_digest.to_string(),
-            "containerimage.config.digest": exported.config_digest.to_string(),
-            "image.name": args.tags.join(","),
-        });
-        std::fs::write(path, serde_json::to_vec_pretty(&meta)?)?;
-    }
-    if quiet {
-        println!("{}", exported.config_digest);
-    }
+    super::outputs::write_outputs(
+        cli,
+        args,
+        &outputs,
+        super::outputs::BuildResult {
+            store: &store,
+            result: &result,
+            config: plan.image,
+            epoch,
+        },
+        quiet,
+        &progress,
+    )?;
     Ok(0)
-}
-
-/// Turns the result's snapshot chain into layer blobs (each compressed once, remembered
-/// in the snapshot's labels) and writes config and manifest.
-fn export_image(
-    store: &Store,
-    _worker: &RealWorker,
-    result: &Ref,
-    mut image: ImageConfig,
-    epoch: Option<i64>,
-    progress: &dyn Progress,
-) -> Result<ImageRecord> {
-    let chain = snapshot_chain(store.snapshotter.as_ref(), result).map_err(|e| anyhow!(e))?;
-    let mut layers: Vec<LayerBlob> = Vec::new();
-    for name in &chain {
-        let info = store.snapshotter.stat(name)?;
-        let blob: Option<LayerBlob> = info
-            .labels
-            .get(LABEL_BLOB)
-            .and_then(|s| serde_json::from_str(s).ok())
-            .filter(|b: &LayerBlob| store.content.exists(&b.digest));
-        let blob = match blob {
-            Some(b) => b,
-            None => {
-                let upper = store.snapshotter.upper_dir(name)?;
-                let b = strata_exporter::export_layer(
-                    &upper,
-                    &store.content,
-                    &Compression::default(),
-                    &DiffOptions {
-                        source_date_epoch: epoch,
-                    },
-                )?;
-                let mut labels = BTreeMap::new();
-                labels.insert(LABEL_BLOB.to_string(), serde_json::to_string(&b)?);
-                store.snapshotter.update_labels(name, labels)?;
-                b
-            }
-        };
-        layers.push(blob);
-    }
-    let created = now_rfc3339(epoch);
-    image.created = Some(created.clone());
-    for h in image.history.iter_mut() {
-        if h.created.is_none() {
-            h.created = Some(created.clone());
-        }
-    }
-    image.rootfs.kind = "layers".into();
-    image.rootfs.diff_ids = layers.iter().map(|l| l.diff_id.to_string()).collect();
-    progress.event(ProgressEvent::Info {
-        message: format!("#exporting {} layers", layers.len()),
-    });
-    Ok(strata_exporter::write_image_config(
-        &store.content,
-        &layers,
-        &image,
-        true,
-    )?)
-}
-
-/// `--output type=local,dest=DIR`: the final root filesystem, copied out of a read-only view.
-fn export_local(store: &Store, result: &Ref, dest: &Path) -> Result<()> {
-    std::fs::create_dir_all(dest)?;
-    let Ref::Snapshot(name) = result else {
-        return Ok(());
-    };
-    let key = format!(
-        "export-{}-{}",
-        std::process::id(),
-        chrono::Utc::now().timestamp_nanos_opt().unwrap_or(0)
-    );
-    let mounts = store.snapshotter.view(&key, name)?;
-    let target = store.mounts_dir.join(&key);
-    std::fs::create_dir_all(&target)?;
-    let copied = (|| -> Result<()> {
-        let guard = MountGuard::mount(&mounts, &target)?;
-        strata_exporter::copy_rootfs(&target, dest)?;
-        guard.unmount()?;
-        Ok(())
-    })();
-    let _ = std::fs::remove_dir(&target);
-    let _ = store.snapshotter.remove(&key);
-    copied
 }

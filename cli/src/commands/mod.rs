@@ -3,7 +3,9 @@
 mod build;
 mod debug;
 mod gc;
+mod image;
 mod images;
+mod outputs;
 
 use anyhow::Result;
 
@@ -22,6 +24,13 @@ pub fn dispatch(cli: Cli) -> Result<i32> {
         } => images::login(registry, username, password.as_deref(), *password_stdin),
         Command::Logout { registry } => images::logout(registry),
         Command::Prune { all } => images::prune(&cli, *all),
+        Command::Tag { source, target } => image::tag(&cli, source, target),
+        Command::Inspect { name } => image::inspect(&cli, name),
+        Command::History { name, no_trunc } => image::history(&cli, name, *no_trunc),
+        Command::Save { output, names } => image::save(&cli, output.as_deref(), names),
+        Command::Load { input, quiet } => image::load(&cli, input.as_deref(), *quiet),
+        Command::Push { name } => image::push(&cli, name),
+        Command::Pull { name, platform } => image::pull(&cli, name, platform.as_deref()),
         Command::Debug { what } => debug::run(what),
     }
 }
