@@ -25,7 +25,7 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Build an image from a Dockerfile.
-    Build(BuildArgs),
+    Build(Box<BuildArgs>),
     /// List images in the local store.
     Images,
     /// Remove images from the local store.
@@ -169,6 +169,14 @@ pub struct BuildArgs {
     /// Allow an extra privileged entitlement (security.insecure).
     #[arg(long = "allow", value_name = "ENTITLEMENT", value_delimiter = ',')]
     pub allow: Vec<String>,
+    /// Export the build cache (type=registry,ref=REF[,mode=min|max][,compression=gzip|zstd],
+    /// type=local,dest=DIR[,mode=..], or type=inline).
+    #[arg(long = "cache-to", value_name = "SPEC")]
+    pub cache_to: Vec<String>,
+    /// Import a build cache (type=registry,ref=REF, type=local,src=DIR, or an image with
+    /// an inline cache).
+    #[arg(long = "cache-from", value_name = "SPEC")]
+    pub cache_from: Vec<String>,
     /// Build context directory.
     pub context: PathBuf,
 }

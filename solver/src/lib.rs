@@ -125,6 +125,9 @@ pub struct SolveReport {
     /// Cache export (`--cache-to`) turns these into records; nodes below a hit never
     /// appear, as they were never needed.
     pub resolved: Vec<(CacheKey, Ref)>,
+    /// The cache key of every step of the plan, needed or not (sorted): `mode=max` cache
+    /// export also takes the records a local hit made unnecessary to visit.
+    pub planned: Vec<CacheKey>,
 }
 
 pub struct Solver<'a> {
@@ -287,7 +290,12 @@ impl<'a> Solver<'a> {
         };
         let plan = self.plan(def, &root.digest)?;
         let root_ix = plan.input_index(root)?;
-        let mut report = SolveReport::default();
+        let mut planned: Vec<CacheKey> = plan.keys.values().copied().collect();
+        planned.sort_by_key(|k| k.0);
+        let mut report = SolveReport {
+            planned,
+            ..SolveReport::default()
+        };
 
         // Which results are needed, and which of those must run: walk down from the root
         // and stop at cache hits.

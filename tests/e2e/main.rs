@@ -5,6 +5,7 @@ mod common;
 
 mod build_outputs;
 mod cache;
+mod cache_export;
 mod conformance;
 mod errors;
 mod interrupt;

@@ -17,6 +17,7 @@ use strata_solver::progress::{PlainProgress, Progress, ProgressEvent};
 use strata_solver::worker::RealWorker;
 use strata_solver::Solver;
 
+use super::build_cache;
 use crate::args::{BuildArgs, Cli, ProgressMode};
 use crate::diagnostics;
 use crate::store::Store;
@@ -123,6 +124,7 @@ pub fn run(cli: &Cli, args: &BuildArgs) -> Result<i32> {
         .unwrap_or_else(|| "Dockerfile".into());
 
     let outputs = super::outputs::parse_outputs(args)?;
+    let cache_opts = build_cache::CacheOptions::parse(&args.cache_to, &args.cache_from)?;
 
     let build_args = parse_build_args(&args.build_args);
     let source_date_epoch = build_args
@@ -215,10 +217,29 @@ pub fn run(cli: &Cli, args: &BuildArgs) -> Result<i32> {
             .map(|n| n.get())
             .unwrap_or(2)
     });
-    let solver = Solver::new(&worker, &store.cache, &progress, parallelism, &CANCELLED);
+    // Imported caches answer after the local one, pulling a hit's layers only when the
+    // solve asks for that key.
+    let imports = build_cache::import_descriptions(&worker.registry, &cache_opts.from, &progress);
+    let cache = strata_cache::ImportingCache::new(
+        &store.cache,
+        &worker,
+        &worker.registry,
+        &progress,
+        imports,
+    );
+    let solver = Solver::new(&worker, &cache, &progress, parallelism, &CANCELLED);
     let solved = solver.solve(&plan.definition);
     let _ = stat_cache.save();
-    let (result, _report) = match solved {
+    let imported = cache.report();
+    if imported.hits > 0 {
+        progress.event(ProgressEvent::Info {
+            message: format!(
+                "#imported cache: {} hits, fetched {} blobs ({} bytes)",
+                imported.hits, imported.blobs_fetched, imported.bytes_fetched
+            ),
+        });
+    }
+    let (result, report) = match solved {
         Ok(r) => r,
         Err(strata_solver::Error::Cancelled) => {
             eprintln!("ERROR: build cancelled");
@@ -263,6 +284,15 @@ pub fn run(cli: &Cli, args: &BuildArgs) -> Result<i32> {
             epoch,
         },
         quiet,
+        &progress,
+    )?;
+    build_cache::export_caches(
+        &store,
+        &worker.registry,
+        &cache_opts.to,
+        &build_cache::exportable_records(&store, &worker, &report),
+        &result,
+        epoch,
         &progress,
     )?;
     Ok(0)

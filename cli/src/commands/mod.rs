@@ -1,6 +1,7 @@
 //! One module per command.
 
 mod build;
+mod build_cache;
 mod debug;
 mod gc;
 mod image;

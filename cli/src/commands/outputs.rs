@@ -276,7 +276,7 @@ pub fn parse_outputs(args: &BuildArgs) -> Result<Vec<OutputSpec>> {
 /// The label remembering a built snapshot's layer blob for one compression and epoch: a
 /// blob made without SOURCE_DATE_EPOCH (unclamped mtimes) is never reused for a build
 /// with one, nor one made for another epoch.
-fn blob_label(compression: &Compression, epoch: Option<i64>) -> String {
+pub(crate) fn blob_label(compression: &Compression, epoch: Option<i64>) -> String {
     match epoch {
         None => format!("{LABEL_BLOB}.{}", compression.name()),
         Some(e) => format!("{LABEL_BLOB}.{}.epoch-{e}", compression.name()),

@@ -1,0 +1,166 @@
+//! `--cache-to` / `--cache-from` for `strata build`: the CLI side of `strata_cache`.
+
+use anyhow::{anyhow, Context, Result};
+use std::collections::HashSet;
+use strata_cache::{CacheFrom, CacheTo, ExportTarget, ImportedCache};
+use strata_registry::Client;
+use strata_solver::progress::{Progress, ProgressEvent};
+
+use strata_solver::{CacheKey, CacheStore, Ref, SolveReport, Worker};
+
+use crate::store::Store;
+
+/// Parsed cache options, checked before anything is built.
+pub struct CacheOptions {
+    pub to: Vec<CacheTo>,
+    pub from: Vec<CacheFrom>,
+}
+
+impl CacheOptions {
+    pub fn parse(to: &[String], from: &[String]) -> Result<Self> {
+        Ok(CacheOptions {
+            to: to
+                .iter()
+                .map(|s| strata_cache::parse_cache_to(s).with_context(|| format!("--cache-to {s}")))
+                .collect::<Result<_>>()?,
+            from: from
+                .iter()
+                .map(|s| {
+                    strata_cache::parse_cache_from(s).with_context(|| format!("--cache-from {s}"))
+                })
+                .collect::<Result<_>>()?,
+        })
+    }
+
+    /// Whether the image config must carry an inline cache description.
+    pub fn inline(&self) -> bool {
+        self.to.iter().any(|c| c.target == ExportTarget::Inline)
+    }
+}
+
+fn source_name(from: &CacheFrom) -> String {
+    match from {
+        CacheFrom::Registry(r) => r.to_string(),
+        CacheFrom::Local(p) => p.display().to_string(),
+    }
+}
+
+/// Reads every `--cache-from` description. A missing or unreadable cache is a warning,
+/// not an error, as with buildx: the first run of a pipeline has no cache yet, and a
+/// broken cache must not stop a build that can do the work itself.
+pub fn import_descriptions(
+    client: &Client,
+    from: &[CacheFrom],
+    progress: &dyn Progress,
+) -> Vec<ImportedCache> {
+    let mut imports = Vec::new();
+    for f in from {
+        let name = source_name(f);
+        match strata_cache::fetch_description(client, f) {
+            Ok(Some(imported)) => {
+                progress.event(ProgressEvent::Info {
+                    message: format!(
+                        "#importing cache manifest from {name}: {} records, {} layers",
+                        imported.description.records.len(),
+                        imported.description.layers.len()
+                    ),
+                });
+                imports.push(imported);
+            }
+            Ok(None) => progress.event(ProgressEvent::Info {
+                message: format!("WARNING: no build cache at {name} (nothing imported)"),
+            }),
+            Err(e) => progress.event(ProgressEvent::Info {
+                message: format!(
+                    "WARNING: import build cache from {name}: {}",
+                    strata_cache::error_chain(&e)
+                ),
+            }),
+        }
+    }
+    imports
+}
+
+/// What a cache export can hold: every step this solve resolved, and the steps of the plan
+/// it did not need to visit (below a hit) whose results this store still has, so that a
+/// fully cached rebuild exports as full a cache as the cold build did. Imported records
+/// that were never materialised here are not re-exported.
+pub fn exportable_records(
+    store: &Store,
+    worker: &dyn Worker,
+    report: &SolveReport,
+) -> Vec<(CacheKey, Ref)> {
+    let mut out = report.resolved.clone();
+    let have: HashSet<CacheKey> = out.iter().map(|(k, _)| *k).collect();
+    for key in report.planned.iter().filter(|k| !have.contains(*k)) {
+        if let Ok(Some(r)) = store.cache.get(key) {
+            if worker.exists(&r) {
+                out.push((*key, r));
+            }
+        }
+    }
+    out
+}
+
+/// Writes every `--cache-to` but `inline` (which the image export embeds).
+pub fn export_caches(
+    store: &Store,
+    client: &Client,
+    to: &[CacheTo],
+    resolved: &[(CacheKey, Ref)],
+    result: &Ref,
+    source_date_epoch: Option<i64>,
+    progress: &dyn Progress,
+) -> Result<()> {
+    for spec in to {
+        let (report, name) = match &spec.target {
+            ExportTarget::Inline => continue,
+            ExportTarget::Registry(reference) => {
+                let desc = describe(store, spec, resolved, result, source_date_epoch)?;
+                let report = strata_cache::push_registry(client, &store.content, &desc, reference)
+                    .with_context(|| format!("export build cache to {reference}"))?;
+                (report, reference.to_string())
+            }
+            ExportTarget::Local(dir) => {
+                let desc = describe(store, spec, resolved, result, source_date_epoch)?;
+                let report = strata_cache::write_local(&store.content, &desc, dir)
+                    .with_context(|| format!("export build cache to {}", dir.display()))?;
+                (report, dir.display().to_string())
+            }
+        };
+        progress.event(ProgressEvent::Info {
+            message: format!(
+                "#exporting cache to {name}: {} records, {} layers, wrote {} blobs ({} bytes), {} already there, manifest {}",
+                report.records,
+                report.layers,
+                report.written_blobs,
+                report.written_bytes,
+                report.existing_blobs,
+                report.manifest_digest
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// The description of the records `spec.mode` selects.
+pub fn describe(
+    store: &Store,
+    spec: &CacheTo,
+    resolved: &[(CacheKey, Ref)],
+    result: &Ref,
+    source_date_epoch: Option<i64>,
+) -> Result<strata_cache::CacheDescription> {
+    let records = strata_cache::select(store.snapshotter.as_ref(), resolved, spec.mode, result)
+        .map_err(|e| anyhow!(e))
+        .context("select cache records")?;
+    strata_cache::describe(
+        store.snapshotter.as_ref(),
+        &store.content,
+        &records,
+        &spec.compression,
+        source_date_epoch,
+        &super::outputs::blob_label(&spec.compression, source_date_epoch),
+    )
+    .context("describe build cache")
+}
