@@ -63,10 +63,27 @@ pub struct BuildPlan {
     pub unused_build_args: Vec<String>,
 }
 
+/// A build check warning (BuildKit's lint rules); printed, never fatal.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Warning {
+    /// BuildKit's rule name (`MaintainerDeprecated`, ...), see [`crate::lint`].
+    pub rule: String,
     pub message: String,
     pub location: Option<Location>,
+}
+
+/// Which step of the frontend failed; BuildKit words the errors of typing the
+/// instructions as `dockerfile parse error on line N: ...`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ErrorKind {
+    /// The text could not be parsed (parser directives, JSON, heredocs, ...).
+    Parse,
+    /// A parsed line is not a valid instruction (unknown instruction or flag, argument
+    /// counts, ...).
+    Instruction,
+    /// The instructions could not be lowered (expansion, stages, images, modes, ...).
+    #[default]
+    Lowering,
 }
 
 /// A lowering error with the Dockerfile location it belongs to.
@@ -75,6 +92,7 @@ pub struct Warning {
 pub struct ConvertError {
     pub message: String,
     pub location: Option<Location>,
+    pub kind: ErrorKind,
 }
 
 impl ConvertError {
@@ -82,12 +100,14 @@ impl ConvertError {
         ConvertError {
             message: message.into(),
             location: Some(location),
+            kind: ErrorKind::Lowering,
         }
     }
     fn bare(message: impl Into<String>) -> Self {
         ConvertError {
             message: message.into(),
             location: None,
+            kind: ErrorKind::Lowering,
         }
     }
 }
@@ -101,30 +121,24 @@ pub fn convert(
     if text.is_empty() {
         return Err(ConvertError::bare("the Dockerfile cannot be empty"));
     }
-    let parsed = crate::parser::parse(text).map_err(|e| {
-        ConvertError::at(
-            e.message.clone(),
-            Location {
-                start_line: e.line,
-                end_line: e.line,
-            },
-        )
+    let parsed = crate::parser::parse(text).map_err(|e| ConvertError {
+        message: e.message.clone(),
+        location: Some(Location {
+            start_line: e.line,
+            end_line: e.end_line,
+        }),
+        kind: ErrorKind::Parse,
     })?;
     let dockerfile = crate::instructions::from_ast(&parsed.root).map_err(|e| ConvertError {
         message: e.message.clone(),
         location: Some(e.location),
+        kind: ErrorKind::Instruction,
     })?;
-    let mut warnings: Vec<Warning> = parsed
-        .warnings
-        .iter()
-        .map(|w| Warning {
-            message: w.message.clone(),
-            location: Some(Location {
-                start_line: w.line,
-                end_line: w.line,
-            }),
-        })
-        .collect();
+    let mut lint_env = default_args(&opts.platform);
+    for (k, v) in &opts.build_args {
+        set_pair(&mut lint_env, k, v.clone());
+    }
+    let mut warnings = crate::lint::check(&parsed, &dockerfile, &lint_env);
     let mut converter = Converter::new(&dockerfile, opts, resolver, parsed.escape)?;
     let plan = converter.run()?;
     warnings.append(&mut converter.warnings);
@@ -228,6 +242,26 @@ fn add_env(env: &mut Vec<String>, key: &str, value: &str) {
     } else {
         env.push(entry);
     }
+}
+
+/// The fully qualified form docker prints for an image reference
+/// (`busybox` -> `docker.io/library/busybox:latest`).
+pub fn normalize_reference(name: &str) -> String {
+    let (first, rest) = name.split_once('/').unwrap_or(("", name));
+    let is_domain = !first.is_empty()
+        && (first.contains('.') || first.contains(':') || first == "localhost");
+    let mut out = if is_domain {
+        name.to_string()
+    } else if first.is_empty() {
+        format!("docker.io/library/{rest}")
+    } else {
+        format!("docker.io/{name}")
+    };
+    let last = out.rsplit('/').next().unwrap_or_default();
+    if !out.contains('@') && !last.contains(':') {
+        out.push_str(":latest");
+    }
+    out
 }
 
 /// Go's `path.Clean`.
@@ -485,7 +519,19 @@ impl<'a> Converter<'a> {
         let target = match &self.opts.target {
             None => self.stages.len() - 1,
             Some(t) => *self.by_name.get(&t.to_lowercase()).ok_or_else(|| {
-                ConvertError::bare(format!("target stage \"{t}\" could not be found"))
+                // BuildKit's suggest.WrapError over the stage names, case-sensitive.
+                let mut names: Vec<&String> = self.by_name.keys().collect();
+                names.sort();
+                let mut msg = format!("target stage \"{t}\" could not be found");
+                let close = names
+                    .iter()
+                    .map(|n| (crate::lint::levenshtein(t, n), *n))
+                    .filter(|(d, _)| *d < 3)
+                    .min_by_key(|(d, _)| *d);
+                if let Some((_, n)) = close {
+                    msg.push_str(&format!(" (did you mean {n}?)"));
+                }
+                ConvertError::bare(msg)
             })?,
         };
         self.dispatch_stage(target)?;
@@ -538,7 +584,10 @@ impl<'a> Converter<'a> {
             .resolve(name, &self.opts.platform)
             .map_err(|e| {
                 ConvertError::at(
-                    format!("failed to resolve source metadata for {name}: {e}"),
+                    format!(
+                        "failed to resolve source metadata for {}: {e}",
+                        normalize_reference(name)
+                    ),
                     location,
                 )
             })?;
@@ -881,6 +930,7 @@ impl<'a> Converter<'a> {
                 );
             }
             Instruction::Cmd(line) => {
+                self.check_json_args(state, line, cmd);
                 let args = self.command_args(state, line);
                 state.image.config.cmd = Some(args.clone());
                 state.image.config.args_escaped = true;
@@ -888,6 +938,7 @@ impl<'a> Converter<'a> {
                 Self::history(state, format!("CMD {}", go_quote_list(&args)), false);
             }
             Instruction::Entrypoint(line) => {
+                self.check_json_args(state, line, cmd);
                 let args = self.command_args(state, line);
                 state.image.config.entrypoint = Some(args.clone());
                 if !state.cmd_set {
@@ -932,6 +983,19 @@ impl<'a> Converter<'a> {
             Instruction::Add(c) => self.dispatch_copy(state, c, true, cmd)?,
         }
         Ok(())
+    }
+
+    /// BuildKit's `JSONArgsRecommended`: shell-form CMD/ENTRYPOINT with the default shell
+    /// (a SHELL instruction or a base image shell means the form was chosen on purpose).
+    fn check_json_args(&mut self, state: &StageState, line: &CommandLine, cmd: &Command) {
+        if matches!(line, CommandLine::Shell(_)) && state.image.config.shell.is_empty() {
+            let name = cmd.original.split_whitespace().next().unwrap_or_default();
+            self.warnings.push(Warning {
+                rule: crate::lint::JSON_ARGS_RECOMMENDED.into(),
+                message: crate::lint::json_args_recommended(name),
+                location: Some(cmd.location),
+            });
+        }
     }
 
     fn command_args(&self, state: &StageState, line: &CommandLine) -> Vec<String> {

@@ -12,6 +12,7 @@
 pub mod convert;
 pub mod dockerignore;
 pub mod instructions;
+pub mod lint;
 pub mod parser;
 pub mod runmount;
 pub mod shell;

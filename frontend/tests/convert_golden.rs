@@ -124,12 +124,13 @@ fn errors_carry_the_line() {
         err.message
     );
     let err = convert(
-        "FROM scratch\nRUN --mount=type=cache,target=/x true\n",
+        "FROM scratch\nRUN --mount=type=cach,target=/x true\n",
         &opts,
         &FakeResolver,
     )
     .unwrap_err();
-    assert!(err.message.contains("--mount"), "{}", err.message);
+    assert_eq!(err.location.map(|l| l.start_line), Some(2));
+    assert!(err.message.contains("mount type"), "{}", err.message);
     let err = convert(
         "FROM scratch\n",
         &ConvertOptions {

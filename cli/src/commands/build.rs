@@ -160,29 +160,18 @@ pub fn run(cli: &Cli, args: &BuildArgs) -> Result<i32> {
     ) {
         Ok(p) => p,
         Err(e) => {
-            let msg = match e.location {
-                Some(l) => diagnostics::render(
-                    &dockerfile_name,
-                    &dockerfile_text,
-                    l.start_line,
-                    l.end_line,
-                    &e.message,
-                ),
-                None => format!("ERROR: {}", e.message),
-            };
-            eprintln!("{msg}");
+            eprintln!(
+                "{}",
+                diagnostics::render_convert_error(&dockerfile_name, &dockerfile_text, &e)
+            );
             return Ok(1);
         }
     };
-    for w in &plan.warnings {
-        let at = w
-            .location
-            .map(|l| format!(" (line {})", l.start_line))
-            .unwrap_or_default();
-        eprintln!(" 1 warning found{at}: {}", w.message);
+    if !plan.warnings.is_empty() {
+        eprintln!("{}", diagnostics::render_warnings(&plan.warnings));
     }
-    for a in &plan.unused_build_args {
-        eprintln!("[Warning] One or more build-args [{a}] were not consumed");
+    if let Some(w) = diagnostics::render_unused_build_args(&plan.unused_build_args) {
+        eprintln!("{w}");
     }
 
     let mut run_env = crate::runopts::run_env(&args.secrets, &args.ssh, &args.allow)?;

@@ -1,10 +1,14 @@
 //! `strata debug ast|dag`.
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{Context, Result};
 use strata_dag::Platform;
-use strata_frontend::convert::{convert, ConvertOptions, ImageResolver, ResolvedImage};
+use strata_frontend::convert::{
+    convert, ConvertError, ConvertOptions, ErrorKind, ImageResolver, ResolvedImage,
+};
+use strata_frontend::instructions::Location;
 
 use crate::args::DebugCommand;
+use crate::diagnostics;
 
 /// Resolves every image to a fixed fake digest so `debug dag` needs no registry.
 struct OfflineResolver;
@@ -24,8 +28,22 @@ pub fn run(what: &DebugCommand) -> Result<i32> {
         DebugCommand::Ast { file } => {
             let text = std::fs::read_to_string(file)
                 .with_context(|| format!("read {}", file.display()))?;
-            let parsed = strata_frontend::parser::parse(&text)
-                .map_err(|e| anyhow!("{}:{}: {}", file.display(), e.line, e.message))?;
+            let parsed = match strata_frontend::parser::parse(&text) {
+                Ok(p) => p,
+                Err(e) => {
+                    let err = ConvertError {
+                        message: e.message,
+                        location: Some(Location {
+                            start_line: e.line,
+                            end_line: e.end_line,
+                        }),
+                        kind: ErrorKind::Parse,
+                    };
+                    let name = file.display().to_string();
+                    eprintln!("{}", diagnostics::render_convert_error(&name, &text, &err));
+                    return Ok(1);
+                }
+            };
             println!("{}", parsed.root.dump());
             Ok(0)
         }
@@ -48,10 +66,17 @@ pub fn run(what: &DebugCommand) -> Result<i32> {
                 dockerfile_name: file.display().to_string(),
                 ..Default::default()
             };
-            let plan = convert(&text, &opts, &OfflineResolver).map_err(|e| {
-                let line = e.location.map(|l| l.start_line).unwrap_or(0);
-                anyhow!("{}:{line}: {}", file.display(), e.message)
-            })?;
+            let plan = match convert(&text, &opts, &OfflineResolver) {
+                Ok(p) => p,
+                Err(e) => {
+                    let name = file.display().to_string();
+                    eprintln!("{}", diagnostics::render_convert_error(&name, &text, &e));
+                    return Ok(1);
+                }
+            };
+            if !plan.warnings.is_empty() {
+                eprintln!("{}", diagnostics::render_warnings(&plan.warnings));
+            }
             print!("{}", plan.definition.dump());
             Ok(0)
         }
