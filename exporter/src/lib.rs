@@ -33,7 +33,7 @@ pub use layer::{
 pub use load::{layer_reader, load_docker_archive, pull_image, LoadedImage};
 pub use local::copy_rootfs;
 pub use names::parse_image_name;
-pub use push::{push_image, push_image_report, PushReport};
+pub use push::{blob_sources, push_image, push_image_report, record_blob_source, PushReport};
 pub use store::{ImageStore, StoredImage};
 
 /// Errors of this crate. Messages are lowercase and name the failed action; causes chain.

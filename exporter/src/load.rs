@@ -349,6 +349,15 @@ pub fn pull_image(
     if let Some(e) = first_error.into_inner().unwrap_or_else(|p| p.into_inner()) {
         return Err(e);
     }
+    for (digest, _) in &blobs {
+        // Only a hint for cross-repository mounts: failing to note it costs nothing else.
+        let _ = crate::push::record_blob_source(
+            store,
+            digest,
+            &reference.registry,
+            &reference.repository,
+        );
+    }
     let config_digest = Digest::of(&resolved.config_bytes);
     store
         .put(&resolved.config_bytes, Some(&config_digest))

@@ -24,6 +24,75 @@ pub struct PushReport {
     pub uploaded: Vec<Digest>,
     /// Blobs the repository had already.
     pub existing: Vec<Digest>,
+    /// Blobs linked from another repository of the same registry (cross-repository
+    /// mount) instead of uploaded.
+    pub mounted: Vec<Digest>,
+}
+
+/// Remembers that blob `digest` came from `registry/repository`, so that a later push to
+/// another repository of that registry can mount it instead of uploading it. Kept beside
+/// the blobs as `<content root>/sources/<hex>`, one `registry/repository` per line.
+pub fn record_blob_source(
+    store: &ContentStore,
+    digest: &Digest,
+    registry: &str,
+    repository: &str,
+) -> Result<()> {
+    use std::io::Write;
+    let line = format!("{registry}/{repository}");
+    if blob_sources(store, digest).iter().any(|l| *l == line) {
+        return Ok(());
+    }
+    let dir = store.root().join("sources");
+    std::fs::create_dir_all(&dir).map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
+    let path = dir.join(digest.hex());
+    // Appends of one short line are atomic enough: a torn line only loses a hint.
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .and_then(|mut f| f.write_all(format!("{line}\n").as_bytes()))
+        .map_err(|e| Error::io(format!("write {}", path.display()), e))
+}
+
+/// Where blob `digest` was pulled from (`registry/repository` each), newest last.
+pub fn blob_sources(store: &ContentStore, digest: &Digest) -> Vec<String> {
+    std::fs::read_to_string(store.root().join("sources").join(digest.hex()))
+        .map(|t| t.lines().map(str::to_string).collect())
+        .unwrap_or_default()
+}
+
+/// Tries to mount `digest` into the reference's repository from a repository of the same
+/// registry it was pulled from. Whether it is now there (mounted or already present).
+fn try_mount(
+    client: &Client,
+    store: &ContentStore,
+    reference: &Reference,
+    digest: &Digest,
+) -> Result<Option<bool>> {
+    let prefix = format!("{}/", reference.registry);
+    let from: Vec<String> = blob_sources(store, digest)
+        .into_iter()
+        .rev()
+        .filter_map(|s| s.strip_prefix(&prefix).map(str::to_string))
+        .filter(|repo| *repo != reference.repository)
+        .collect();
+    if from.is_empty() {
+        return Ok(None);
+    }
+    let exists = client
+        .blob_exists(reference, digest)
+        .map_err(|e| Error::registry(format!("check blob {digest} in {reference}"), e))?;
+    if exists {
+        return Ok(Some(false));
+    }
+    for repo in from {
+        // A refused mount (permissions, blob gone) only means uploading it after all.
+        if let Ok(true) = client.mount_blob(reference, digest, &repo) {
+            return Ok(Some(true));
+        }
+    }
+    Ok(None)
 }
 
 /// Pushes the image to `reference` (its tag, or its digest when it has no tag) and
@@ -55,7 +124,7 @@ pub fn push_image_report(
         }
     }
 
-    let results: Mutex<Vec<(Digest, bool)>> = Mutex::new(Vec::new());
+    let results: Mutex<Vec<(Digest, Outcome)>> = Mutex::new(Vec::new());
     let first_error: Mutex<Option<Error>> = Mutex::new(None);
     let next = AtomicUsize::new(0);
     let failed = AtomicBool::new(false);
@@ -69,8 +138,22 @@ pub fn push_image_report(
                 let Some((digest, size)) = layers.get(i) else {
                     return;
                 };
-                match push_blob(client, store, reference, digest, *size, "layer") {
-                    Ok(sent) => lock(&results).push((digest.clone(), sent)),
+                let outcome = match try_mount(client, store, reference, digest) {
+                    Ok(Some(true)) => Ok(Outcome::Mounted),
+                    Ok(Some(false)) => Ok(Outcome::Existing),
+                    Ok(None) => {
+                        push_blob(client, store, reference, digest, *size, "layer").map(|sent| {
+                            if sent {
+                                Outcome::Uploaded
+                            } else {
+                                Outcome::Existing
+                            }
+                        })
+                    }
+                    Err(e) => Err(e),
+                };
+                match outcome {
+                    Ok(o) => lock(&results).push((digest.clone(), o)),
                     Err(e) => {
                         failed.store(true, Ordering::Relaxed);
                         lock(&first_error).get_or_insert(e);
@@ -103,15 +186,15 @@ pub fn push_image_report(
         manifest_digest,
         uploaded: Vec::new(),
         existing: Vec::new(),
+        mounted: Vec::new(),
     };
     // Report in manifest order, whatever order the threads finished in.
     let results = lock(&results).clone();
     for (digest, _) in &layers {
-        let sent = results.iter().any(|(d, s)| d == digest && *s);
-        if sent {
-            report.uploaded.push(digest.clone());
-        } else {
-            report.existing.push(digest.clone());
+        match results.iter().find(|(d, _)| d == digest).map(|(_, o)| *o) {
+            Some(Outcome::Uploaded) => report.uploaded.push(digest.clone()),
+            Some(Outcome::Mounted) => report.mounted.push(digest.clone()),
+            _ => report.existing.push(digest.clone()),
         }
     }
     if config_sent {
@@ -120,6 +203,13 @@ pub fn push_image_report(
         report.existing.push(config_digest);
     }
     Ok(report)
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Outcome {
+    Uploaded,
+    Mounted,
+    Existing,
 }
 
 /// A poisoned lock only means another upload thread panicked; the data is still usable.

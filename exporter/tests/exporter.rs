@@ -570,3 +570,59 @@ fn strata_config_keeps_docker_fields() {
         1
     );
 }
+
+#[test]
+fn recompressed_blobs_keep_the_diff_id() {
+    let f = fixture();
+    let (gz, _) = build_image(&f, &Compression::default(), true);
+    let zs = recompress_blob(&f.store, &gz, &Compression::Zstd { level: 3 }).unwrap();
+    assert_eq!(zs.diff_id, gz.diff_id);
+    assert_ne!(zs.digest, gz.digest);
+    assert_eq!(zs.media_type, "application/vnd.oci.image.layer.v1.tar+zstd");
+    assert_eq!(compression_of_media_type(&zs.media_type), Some("zstd"));
+    let mut plain = Vec::new();
+    layer_reader(&f.store, &zs.digest)
+        .unwrap()
+        .read_to_end(&mut plain)
+        .unwrap();
+    assert_eq!(Digest::of(&plain), gz.diff_id);
+    // A blob whose label lies about its diff id is refused.
+    let mut lying = gz.clone();
+    lying.diff_id = Digest::of(b"other");
+    let err = recompress_blob(&f.store, &lying, &Compression::Uncompressed).unwrap_err();
+    assert!(err.to_string().contains("not its diff id"), "{err}");
+}
+
+#[test]
+fn docker_archive_loads_back_with_the_same_image_id() {
+    let f = fixture();
+    let (_, image) = build_image(&f, &Compression::Zstd { level: 3 }, true);
+    let tar = f.root.join("saved.tar");
+    write_docker_archive_multi(
+        &f.store,
+        &[(image.clone(), vec!["app:1".into(), "app:2".into()])],
+        &tar,
+    )
+    .unwrap();
+    let other = fixture();
+    let loaded = load_docker_archive(&other.store, &tar).unwrap();
+    assert_eq!(loaded.len(), 1);
+    assert_eq!(loaded[0].tags, ["app:1", "app:2"]);
+    assert_eq!(loaded[0].record.config_digest, image.config_digest);
+    let m = read_manifest(&other.store, &loaded[0].record).unwrap();
+    assert_eq!(
+        m.layers()[0].media_type().to_string(),
+        "application/vnd.oci.image.layer.v1.tar"
+    );
+    // Not an image archive: a clear error.
+    let bogus = f.root.join("bogus.tar");
+    let mut b = tar::Builder::new(fs::File::create(&bogus).unwrap());
+    let mut h = tar::Header::new_ustar();
+    h.set_size(2);
+    h.set_mode(0o644);
+    h.set_cksum();
+    b.append_data(&mut h, "hello.txt", &b"hi"[..]).unwrap();
+    b.finish().unwrap();
+    let err = load_docker_archive(&other.store, &bogus).unwrap_err();
+    assert!(err.to_string().contains("no manifest.json"), "{err}");
+}

@@ -166,6 +166,16 @@ impl RealWorker {
         if let Some(e) = errors.into_inner().ok().and_then(|v| v.into_iter().next()) {
             return Err(e);
         }
+        // Remembered so that a push to another repository of this registry can mount
+        // these layers instead of uploading them; only a hint, so errors are ignored.
+        for d in layers.iter().filter_map(|l| Digest::parse(l.digest().as_ref())) {
+            let _ = strata_exporter::record_blob_source(
+                &self.content,
+                &d,
+                &reference.registry,
+                &reference.repository,
+            );
+        }
         let mut blobs = Vec::with_capacity(layers.len());
         for (layer, diff_id) in layers.iter().zip(&config.rootfs.diff_ids) {
             let digest = Digest::parse(layer.digest().as_ref())

@@ -8,4 +8,5 @@ mod cache;
 mod cache_export;
 mod conformance;
 mod errors;
+mod exporter;
 mod interrupt;

@@ -269,8 +269,9 @@ pub fn push(cli: &Cli, name: &str) -> Result<i32> {
         strata_exporter::push_image_report(&client, &store.content, &img.record, &reference)
             .with_context(|| format!("push {name}"))?;
     eprintln!(
-        "{} blobs uploaded, {} already present",
+        "{} blobs uploaded, {} mounted, {} already present",
         report.uploaded.len(),
+        report.mounted.len(),
         report.existing.len()
     );
     println!(

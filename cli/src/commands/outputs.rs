@@ -628,9 +628,10 @@ fn write_image(
                 .with_context(|| format!("push {n}"))?;
             progress.event(ProgressEvent::Info {
                 message: format!(
-                    "pushing {n} {}: {} blobs uploaded, {} already present",
+                    "pushing {n} {}: {} blobs uploaded, {} mounted, {} already present",
                     report.manifest_digest,
                     report.uploaded.len(),
+                    report.mounted.len(),
                     report.existing.len()
                 ),
             });
