@@ -14,6 +14,7 @@ use sha2::{Digest as _, Sha256};
 use strata_dag::{
     CopyAction, Definition, ExecMount, ExecMountKind, ExecOp, FileAction, FileOp, Op,
 };
+use strata_frontend::dockerignore::PatternMatcher;
 use strata_sandbox::ExtraMount;
 use strata_snapshotter::mount::MountGuard;
 use strata_snapshotter::{Mount, OverlaySnapshotter, Snapshotter};
@@ -36,6 +37,10 @@ pub struct RunEnv {
     /// Where cache mounts live (`<store>/cache-mounts`); derived from the mounts dir when
     /// `None`.
     pub cache_mounts_dir: Option<PathBuf>,
+    /// Proxy variables given as build args (`HTTP_PROXY=...`), added to every RUN's
+    /// environment unless the step sets them; outside the op, so they change neither the
+    /// cache key nor the history (BuildKit's `llb.WithProxy`).
+    pub proxy_env: Vec<(String, String)>,
 }
 
 /// Refuses a definition that needs an entitlement the build was not given, before anything
@@ -88,6 +93,8 @@ pub(crate) struct MountContext<'a> {
     pub mounts_dir: &'a Path,
     pub run_env: &'a RunEnv,
     pub temp_key: &'a dyn Fn(&str) -> String,
+    /// The context's `.dockerignore` rules: ignored files must not be visible to a step.
+    pub ignore: Option<&'a PatternMatcher>,
 }
 
 impl MountContext<'_> {
@@ -251,6 +258,14 @@ impl MountContext<'_> {
     ) -> Result<PathBuf, String> {
         let mounts: Vec<Mount> = match inputs.get(i as usize) {
             None => return Err(format!("mount reads missing input {i}")),
+            Some(Ref::Local(dir)) if self.ignore.is_some() => {
+                // A private filtered copy (writes to it are discarded with it).
+                let copy = self.new_dir("context", p)?;
+                p.trees.push(copy.clone());
+                copy_tree(dir, "/", &copy, self.ignore, true)
+                    .map_err(|e| format!("copy build context for mount: {e}"))?;
+                return Ok(copy);
+            }
             Some(Ref::Local(dir)) if !writable => return Ok(dir.clone()),
             Some(Ref::Local(dir)) => {
                 let scratch = self.new_dir("rw", p)?;
@@ -361,7 +376,8 @@ impl MountContext<'_> {
                 .map_err(|e| format!("create cache mount {id}: {e}"))?;
             let made = (|| {
                 if let Some((root, source)) = &seed {
-                    seed_cache(root, source, &tmp)?;
+                    copy_tree(root, source, &tmp, None, false)
+                        .map_err(|e| format!("seed cache mount {id}: {e}"))?;
                 }
                 nix::unistd::chown(
                     &tmp,
@@ -429,8 +445,14 @@ impl MountContext<'_> {
     }
 }
 
-/// Copies `source` of `root` (its content, when a directory) into the new cache dir `dest`.
-fn seed_cache(root: &Path, source: &str, dest: &Path) -> Result<(), String> {
+/// Copies `source` of `root` (its content, when a directory) into the directory `dest`.
+fn copy_tree(
+    root: &Path,
+    source: &str,
+    dest: &Path,
+    ignore: Option<&PatternMatcher>,
+    is_context: bool,
+) -> Result<(), String> {
     let src = if source.is_empty() { "/" } else { source };
     let op = FileOp {
         base_input: None,
@@ -451,10 +473,10 @@ fn seed_cache(root: &Path, source: &str, dest: &Path) -> Result<(), String> {
     };
     let sources = [Some(SourceRoot {
         path: root,
-        ignore: None,
-        is_context: false,
+        ignore,
+        is_context,
     })];
-    apply_file_op(dest, &op, &sources).map_err(|e| format!("seed cache mount: {e}"))
+    apply_file_op(dest, &op, &sources).map_err(|e| e.to_string())
 }
 
 /// `path` inside `root`, symlinks resolved without leaving `root`, so a hostile source tree

@@ -307,6 +307,7 @@ impl RealWorker {
             mounts_dir: &self.mounts_dir,
             run_env: &self.run_env,
             temp_key: &Self::temp_key,
+            ignore: self.ignore.as_ref(),
         }
         .prepare(exec, inputs)?;
         let mut env = exec.env.clone();

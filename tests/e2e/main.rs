@@ -10,3 +10,4 @@ mod conformance;
 mod errors;
 mod exporter;
 mod interrupt;
+mod run_mounts;
