@@ -61,6 +61,9 @@ pub struct BuildPlan {
     pub warnings: Vec<Warning>,
     /// Build args given but never declared.
     pub unused_build_args: Vec<String>,
+    /// Proxy build args (`HTTP_PROXY`, `no_proxy`, ...): the worker adds them to every
+    /// RUN without their being declared, outside the definition, as BuildKit does.
+    pub proxy_env: Vec<(String, String)>,
 }
 
 /// A build check warning (BuildKit's lint rules); printed, never fatal.
@@ -248,8 +251,8 @@ fn add_env(env: &mut Vec<String>, key: &str, value: &str) {
 /// (`busybox` -> `docker.io/library/busybox:latest`).
 pub fn normalize_reference(name: &str) -> String {
     let (first, rest) = name.split_once('/').unwrap_or(("", name));
-    let is_domain = !first.is_empty()
-        && (first.contains('.') || first.contains(':') || first == "localhost");
+    let is_domain =
+        !first.is_empty() && (first.contains('.') || first.contains(':') || first == "localhost");
     let mut out = if is_domain {
         name.to_string()
     } else if first.is_empty() {
@@ -554,6 +557,13 @@ impl<'a> Converter<'a> {
             image: state.image,
             warnings: Vec::new(),
             unused_build_args: unused,
+            proxy_env: self
+                .opts
+                .build_args
+                .iter()
+                .filter(|(k, _)| is_proxy_arg(k))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
         })
     }
 
@@ -1630,7 +1640,8 @@ fn parse_trigger(trigger: &str) -> Result<Command, String> {
     Ok(commands.remove(0))
 }
 
-fn is_predefined_arg(k: &str) -> bool {
+/// BuildKit's proxy args (`proxyEnvFromBuildArgs`).
+fn is_proxy_arg(k: &str) -> bool {
     matches!(
         k,
         "HTTP_PROXY"
@@ -1643,9 +1654,11 @@ fn is_predefined_arg(k: &str) -> bool {
             | "no_proxy"
             | "ALL_PROXY"
             | "all_proxy"
-            | "SOURCE_DATE_EPOCH"
-            | "BUILDKIT_INLINE_CACHE"
     )
+}
+
+fn is_predefined_arg(k: &str) -> bool {
+    is_proxy_arg(k) || matches!(k, "SOURCE_DATE_EPOCH" | "BUILDKIT_INLINE_CACHE")
 }
 
 /// A heredoc RUN whose whole command is just `<<EOF` (optionally `<<-EOF`, quoted).

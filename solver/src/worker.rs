@@ -312,6 +312,11 @@ impl RealWorker {
         .prepare(exec, inputs)?;
         let mut env = exec.env.clone();
         env.extend(prepared.env.iter().cloned());
+        for (k, v) in &self.run_env.proxy_env {
+            if !env.iter().any(|e| e.split_once('=').map(|(n, _)| n) == Some(k)) {
+                env.push(format!("{k}={v}"));
+            }
+        }
         self.with_active(&parent, key, BTreeMap::new(), |_active, mounts| {
             let req = RunRequest {
                 rootfs: mounts,
