@@ -7,6 +7,7 @@ mod build_outputs;
 mod cache;
 mod cache_export;
 mod conformance;
+mod diagnostics;
 mod errors;
 mod exporter;
 mod interrupt;
