@@ -413,13 +413,7 @@ impl MountContext<'_> {
         gid: u32,
         p: &mut PreparedMounts,
     ) -> Result<PathBuf, String> {
-        // Outside the store (preferably in memory), readable by root only.
-        let base = ["/dev/shm", "/run"]
-            .iter()
-            .map(PathBuf::from)
-            .find(|d| d.is_dir())
-            .unwrap_or_else(std::env::temp_dir);
-        let dir = base.join((self.temp_key)("strata-secret"));
+        let dir = secrets_base().join((self.temp_key)(SECRET_PREFIX));
         fs::DirBuilder::new()
             .mode(0o700)
             .create(&dir)
@@ -443,6 +437,46 @@ impl MountContext<'_> {
             .map_err(|e| format!("chmod secret {id}: {e}"))?;
         Ok(file)
     }
+}
+
+/// Name prefix of the per-step secret directories (`<prefix>-<pid>-...`).
+const SECRET_PREFIX: &str = "strata-secret";
+
+/// Where secret files are written: outside the store, preferably in memory.
+fn secrets_base() -> PathBuf {
+    ["/dev/shm", "/run"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|d| d.is_dir())
+        .unwrap_or_else(std::env::temp_dir)
+}
+
+/// Removes the secret directories of strata processes that are gone (a SIGKILL'd build
+/// cannot remove its own). Returns how many were removed.
+pub fn clean_stale_secrets() -> usize {
+    let Ok(entries) = fs::read_dir(secrets_base()) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(SECRET_PREFIX))
+            .and_then(|rest| rest.strip_prefix('-'))
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid == std::process::id() || Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        if fs::remove_dir_all(entry.path()).is_ok() {
+            removed += 1;
+        }
+    }
+    removed
 }
 
 /// Copies `source` of `root` (its content, when a directory) into the directory `dest`.

@@ -491,3 +491,61 @@ fn sandbox_hides_the_host_and_cannot_mount() {
     assert!(procs < 10, "{procs} processes visible");
     assert_eq!(read(&out, "mount"), "denied\n");
 }
+
+#[test]
+fn a_killed_build_leaves_no_secret_behind_once_the_store_is_used_again() {
+    let env = TestEnv::new();
+    let secret_file = env.path("secret.txt");
+    std::fs::write(&secret_file, format!("killed-{}", unique())).unwrap();
+    let ctx = context(
+        &env,
+        "ctx",
+        "FROM BASE\nRUN --mount=type=secret,id=tok,required sh -c 'echo started; sleep 60'\n",
+    );
+    let mut child = env
+        .strata()
+        .arg("build")
+        .arg("--progress=plain")
+        .arg("--secret")
+        .arg(format!("id=tok,src={}", s(&secret_file)))
+        .arg(&ctx)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let prefix = format!("strata-secret-{}-", child.id());
+    let secret_dirs = || -> Vec<PathBuf> {
+        ["/dev/shm", "/run"]
+            .iter()
+            .filter_map(|d| std::fs::read_dir(d).ok())
+            .flatten()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+            .map(|e| e.path())
+            .collect()
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while secret_dirs().is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the step never started"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    // Give the sandbox time to start, then kill the builder without a chance to clean up.
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let left = secret_dirs();
+    assert!(
+        !left.is_empty(),
+        "SIGKILL cannot have removed the secret dir"
+    );
+
+    // The next build with this store removes it (and leaves no mounts).
+    let other = context(&env, "other", "FROM BASE\nRUN true\n");
+    env.build_ok(&[s(&other)]);
+    for d in &left {
+        assert!(!d.exists(), "{} survived", d.display());
+    }
+    assert_eq!(mounts_under(&env.root()), Vec::<String>::new());
+}

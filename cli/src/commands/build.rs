@@ -182,6 +182,7 @@ pub fn run(cli: &Cli, args: &BuildArgs) -> Result<i32> {
 
     let store = Store::open(&cli.root)?;
     run_env.cache_mounts_dir = Some(store.cache_mounts_dir());
+    strata_solver::runmount::clean_stale_secrets();
     run_env.proxy_env = plan.proxy_env.clone();
     watch_for_cancel(store.mounts_dir.clone());
     let ignore = if ignore_patterns.is_empty() {
