@@ -46,11 +46,30 @@ pub enum Command {
     },
     /// Log out from a registry.
     Logout { registry: String },
-    /// Remove unreferenced snapshots, blobs and cache records.
+    /// Remove build cache: unreferenced snapshots, blobs and cache records.
     Prune {
         /// Remove all build cache, not only unreferenced data.
-        #[arg(long)]
+        #[arg(short, long)]
         all: bool,
+        /// Remove least recently used cache until the build cache takes at most SIZE
+        /// (`10GB`, `512mb`; an explicit 0 keeps nothing).
+        #[arg(long, value_name = "SIZE")]
+        keep_storage: Option<String>,
+        /// Only remove cache last used longer ago than this (`until=24h`).
+        #[arg(long = "filter", value_name = "FILTER")]
+        filters: Vec<String>,
+        /// List every removed blob and count removed cache records.
+        #[arg(long)]
+        verbose: bool,
+        /// Accepted for docker compatibility; prune never asks.
+        #[arg(short, long)]
+        force: bool,
+    },
+    /// Show the store's disk usage: snapshots, cache records, blobs, images.
+    Du {
+        /// One block per snapshot with its parent, records and blobs.
+        #[arg(long)]
+        verbose: bool,
     },
     /// Create a tag TARGET that refers to the image SOURCE.
     Tag { source: String, target: String },

@@ -12,3 +12,4 @@ mod errors;
 mod exporter;
 mod interrupt;
 mod run_mounts;
+mod store;

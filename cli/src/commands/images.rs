@@ -6,7 +6,6 @@ use anyhow::{anyhow, bail, Result};
 use strata_exporter::ImageStore;
 
 use crate::args::Cli;
-use crate::store::Store;
 
 fn human_size(bytes: u64) -> String {
     const UNITS: [&str; 5] = ["B", "kB", "MB", "GB", "TB"];
@@ -92,15 +91,5 @@ pub fn login(registry: &str, username: &str, password: Option<&str>, stdin: bool
 pub fn logout(registry: &str) -> Result<i32> {
     strata_registry::logout(registry).map_err(|e| anyhow!("{e}"))?;
     println!("Removing login credentials for {registry}");
-    Ok(0)
-}
-
-pub fn prune(cli: &Cli, all: bool) -> Result<i32> {
-    let store = Store::open(&cli.root)?;
-    let removed = crate::commands::gc::collect(&store, all)?;
-    println!(
-        "Total reclaimed: {} snapshots, {} blobs, {} cache records",
-        removed.0, removed.1, removed.2
-    );
     Ok(0)
 }

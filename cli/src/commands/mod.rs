@@ -24,7 +24,17 @@ pub fn dispatch(cli: Cli) -> Result<i32> {
             password_stdin,
         } => images::login(registry, username, password.as_deref(), *password_stdin),
         Command::Logout { registry } => images::logout(registry),
-        Command::Prune { all } => images::prune(&cli, *all),
+        Command::Prune {
+            all,
+            keep_storage,
+            filters,
+            verbose,
+            force: _,
+        } => {
+            let opts = gc::PruneOptions::parse(*all, keep_storage.as_deref(), filters, *verbose)?;
+            gc::prune(&cli, &opts)
+        }
+        Command::Du { verbose } => gc::du(&cli, *verbose),
         Command::Tag { source, target } => image::tag(&cli, source, target),
         Command::Inspect { name } => image::inspect(&cli, name),
         Command::History { name, no_trunc } => image::history(&cli, name, *no_trunc),
