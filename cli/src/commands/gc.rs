@@ -292,11 +292,13 @@ fn label_blobs(info: &Info) -> Vec<Digest> {
         .collect()
 }
 
-/// Active snapshots and views are named `<kind>-<pid>-...`; one whose process is gone is
-/// stale. A name without a pid is treated as stale: nothing live makes such names.
+/// Active snapshots and views are named `<kind>-<pid>-...` (`active-`, `pull-`, `view-`,
+/// `bind-rw-`, `export-`): the first numeric part is the pid of the process using it, and
+/// one whose process is gone is stale. A name without a pid is treated as stale: nothing
+/// live makes such names. (Prune holds the store exclusively, so no strata process is
+/// using any; the check keeps a snapshot of anything else alive that does.)
 fn is_stale(name: &str) -> bool {
-    let pid = name.split('-').nth(1).and_then(|p| p.parse::<u32>().ok());
-    match pid {
+    match name.split('-').find_map(|p| p.parse::<u32>().ok()) {
         Some(pid) => pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists(),
         None => true,
     }
@@ -840,6 +842,120 @@ mod tests {
         let o = PruneOptions::parse(true, Some("1GB"), &["until=2h".into()], false).unwrap();
         assert_eq!(o.keep_storage, Some(1 << 30));
         assert_eq!(o.until, Some(Duration::from_secs(7200)));
+    }
+
+    /// Commits a snapshot `name` on `parent` holding one file of `bytes` bytes.
+    fn snapshot(store: &Store, name: &str, parent: &str, bytes: usize) {
+        let key = format!("active-{}-{name}", std::process::id());
+        store.snapshotter.prepare(&key, parent).unwrap();
+        let upper = store.snapshotter.upper_dir(&key).unwrap();
+        std::fs::write(upper.join(name), vec![7u8; bytes]).unwrap();
+        store
+            .snapshotter
+            .commit(name, &key, BTreeMap::new())
+            .unwrap();
+    }
+
+    fn names(store: &Store) -> BTreeSet<String> {
+        let mut out = BTreeSet::new();
+        store
+            .snapshotter
+            .walk(&mut |i| {
+                out.insert(i.name.clone());
+            })
+            .unwrap();
+        out
+    }
+
+    fn record_values(store: &Store) -> BTreeSet<String> {
+        store
+            .cache
+            .db
+            .entries()
+            .unwrap()
+            .into_iter()
+            .map(|(_, v)| v)
+            .collect()
+    }
+
+    #[test]
+    fn keep_storage_takes_least_recently_used_leaves_and_spares_shared_parents() {
+        use strata_solver::cache::CacheStore;
+        use strata_solver::{CacheKey, Ref};
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_exclusive(dir.path()).unwrap();
+        snapshot(&store, "base", "", 200_000);
+        snapshot(&store, "a", "base", 1_000_000);
+        snapshot(&store, "b", "base", 1_000_000);
+        snapshot(&store, "orphan", "", 50_000);
+        for (k, name) in [(1u8, "base"), (2, "a"), (3, "b")] {
+            store
+                .cache
+                .db
+                .put(&CacheKey([k; 32]), &Ref::Snapshot(name.into()))
+                .unwrap();
+        }
+        // base's own record is the oldest, but b (used last) builds on it; a is the least
+        // recently used leaf.
+        let now = now_millis();
+        store
+            .cache
+            .usage
+            .update(|t| {
+                t.insert(hex(&[1; 32]), now - 9000);
+                t.insert(hex(&[2; 32]), now - 5000);
+                t.insert(hex(&[3; 32]), now - 1000);
+            })
+            .unwrap();
+
+        // A plain prune takes only the orphan.
+        let r = collect(&store, &PruneOptions::default()).unwrap();
+        assert_eq!(
+            r.snapshots.iter().map(|s| s.0.as_str()).collect::<Vec<_>>(),
+            ["orphan"]
+        );
+        assert!(r.total() >= 50_000, "{r:?}");
+
+        let opts = PruneOptions::parse(false, Some("1.5MB"), &[], false).unwrap();
+        let r = collect(&store, &opts).unwrap();
+        assert_eq!(
+            r.snapshots.iter().map(|s| s.0.as_str()).collect::<Vec<_>>(),
+            ["a"]
+        );
+        assert_eq!(r.records, 1);
+        assert_eq!(names(&store), ["b", "base"].map(String::from).into());
+        assert_eq!(
+            record_values(&store),
+            ["snapshot:b", "snapshot:base"].map(String::from).into()
+        );
+        // The table forgets the removed record's time.
+        assert!(!store.cache.usage.read().contains_key(&hex(&[2; 32])));
+
+        // Everything was used within the hour: --all with until=1h keeps it all.
+        let opts = PruneOptions::parse(true, None, &["until=1h".into()], false).unwrap();
+        let r = collect(&store, &opts).unwrap();
+        assert_eq!((r.snapshots.len(), r.records), (0, 0));
+
+        // --all removes the records first, then the chain child before parent.
+        let opts = PruneOptions::parse(true, None, &[], false).unwrap();
+        let r = collect(&store, &opts).unwrap();
+        assert_eq!(
+            r.snapshots.iter().map(|s| s.0.as_str()).collect::<Vec<_>>(),
+            ["b", "base"]
+        );
+        assert!(names(&store).is_empty());
+        assert!(record_values(&store).is_empty());
+    }
+
+    #[test]
+    fn active_snapshots_of_live_processes_are_not_stale() {
+        let me = std::process::id();
+        assert!(!is_stale(&format!("active-{me}-0-123")));
+        assert!(!is_stale(&format!("bind-rw-{me}-3-99")));
+        // pid 1 is alive; a pid above the kernel's maximum never is.
+        assert!(!is_stale("export-1-5"));
+        assert!(is_stale("active-4294967-0-1"));
+        assert!(is_stale("stray"));
     }
 
     #[test]
