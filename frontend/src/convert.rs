@@ -200,6 +200,9 @@ struct Converter<'a> {
     images: HashMap<String, ResolvedImage>,
     used_args: BTreeSet<String>,
     warnings: Vec<Warning>,
+    /// Variables the current instruction's words used but that were unset, for
+    /// BuildKit's `UndefinedVar` check (interior mutability: `expand` takes `&self`).
+    unmatched: std::cell::RefCell<BTreeSet<String>>,
 }
 
 fn default_args(platform: &Platform) -> Vec<(String, String)> {
@@ -515,6 +518,7 @@ impl<'a> Converter<'a> {
             images: HashMap::new(),
             used_args,
             warnings: Vec::new(),
+            unmatched: Default::default(),
         })
     }
 
@@ -808,9 +812,43 @@ impl<'a> Converter<'a> {
         word: &str,
         location: Location,
     ) -> Result<String, ConvertError> {
-        self.lex
-            .process_word(word, &state.env)
-            .map_err(|e| ConvertError::at(e.to_string(), location))
+        let expansion = self
+            .lex
+            .process_word_with_matches(word, &state.env)
+            .map_err(|e| ConvertError::at(e.to_string(), location))?;
+        self.unmatched.borrow_mut().extend(expansion.unmatched);
+        Ok(expansion.value)
+    }
+
+    /// BuildKit's `reportUnmatchedVariables`: variables an instruction's words used that
+    /// are neither set nor declared ARGs of the stage (ARG itself and RUN, whose words the
+    /// shell expands, are not checked).
+    fn report_undefined_vars(&mut self, state: &StageState, cmd: &Command) {
+        let unmatched = std::mem::take(&mut *self.unmatched.borrow_mut());
+        if matches!(cmd.instruction, Instruction::Arg(_) | Instruction::Run(_)) {
+            return;
+        }
+        let keys: Vec<&str> = state.env.iter().map(|(k, _)| k.as_str()).collect();
+        for name in unmatched {
+            if state.build_args.iter().any(|a| a.key == name) {
+                continue;
+            }
+            let mut message = format!("Usage of undefined variable '${name}'");
+            let close = keys
+                .iter()
+                .filter(|k| **k != name)
+                .map(|k| (crate::lint::levenshtein(&name, k), *k))
+                .filter(|(d, _)| *d < 3)
+                .min_by_key(|(d, _)| *d);
+            if let Some((_, k)) = close {
+                message.push_str(&format!(" (did you mean ${k}?)"));
+            }
+            self.warnings.push(Warning {
+                rule: "UndefinedVar".into(),
+                message,
+                location: Some(cmd.location),
+            });
+        }
     }
 
     /// Expands ENV/LABEL pairs; every word of the line sees the environment from before
@@ -864,6 +902,17 @@ impl<'a> Converter<'a> {
     }
 
     fn dispatch(&mut self, state: &mut StageState, cmd: &Command) -> Result<(), ConvertError> {
+        self.unmatched.borrow_mut().clear();
+        self.dispatch_instruction(state, cmd)?;
+        self.report_undefined_vars(state, cmd);
+        Ok(())
+    }
+
+    fn dispatch_instruction(
+        &mut self,
+        state: &mut StageState,
+        cmd: &Command,
+    ) -> Result<(), ConvertError> {
         let loc = cmd.location;
         match &cmd.instruction {
             Instruction::Env(pairs) => {
