@@ -99,6 +99,14 @@ impl DbCache {
             path: path.to_path_buf(),
         };
         cache.with_db(|db| {
+            // A write transaction costs fsyncs; only a new database needs the table made.
+            let read = db.begin_read().map_err(|e| e.to_string())?;
+            match read.open_table(RESULTS) {
+                Ok(_) => return Ok(()),
+                Err(redb::TableError::TableDoesNotExist(_)) => {}
+                Err(e) => return Err(e.to_string()),
+            }
+            drop(read);
             let tx = db.begin_write().map_err(|e| e.to_string())?;
             tx.open_table(RESULTS).map_err(|e| e.to_string())?;
             tx.commit().map_err(|e| e.to_string())

@@ -13,7 +13,7 @@ use strata_frontend::dockerignore::{read_ignore_file, PatternMatcher};
 use strata_registry::{Client, Reference};
 use strata_sandbox::Sandbox;
 use strata_solver::contenthash::StatCache;
-use strata_solver::progress::{PlainProgress, Progress, ProgressEvent};
+use strata_solver::progress::{PlainProgress, Progress, ProgressEvent, TtyProgress};
 use strata_solver::worker::RealWorker;
 use strata_solver::Solver;
 
@@ -149,10 +149,21 @@ pub fn run(cli: &Cli, args: &BuildArgs) -> Result<i32> {
         dockerfile_name: dockerfile_name.clone(),
     };
     let quiet = args.quiet || args.progress == ProgressMode::Quiet;
-    let progress = PlainProgress::new(quiet);
+    // `auto` is the live display when stderr is a terminal, as in buildx.
+    let tty = match args.progress {
+        ProgressMode::Tty => true,
+        ProgressMode::Auto => !quiet && std::io::IsTerminal::is_terminal(&std::io::stderr()),
+        ProgressMode::Plain | ProgressMode::Quiet => false,
+    };
+    let progress: Box<dyn Progress> = if tty && !quiet {
+        Box::new(TtyProgress::new())
+    } else {
+        Box::new(PlainProgress::new(quiet))
+    };
     progress.event(ProgressEvent::Started {
         description: format!("[internal] load build definition from {dockerfile_name}"),
     });
+    let definition_started = std::time::Instant::now();
     let plan = match convert(
         &dockerfile_text,
         &opts,
@@ -167,6 +178,14 @@ pub fn run(cli: &Cli, args: &BuildArgs) -> Result<i32> {
             return Ok(1);
         }
     };
+    if tty && !quiet {
+        // Ends the live line; plain progress has never printed a DONE for this vertex
+        // (tests count DONE lines of `[...]` vertices as executed steps).
+        progress.event(ProgressEvent::Done {
+            description: format!("[internal] load build definition from {dockerfile_name}"),
+            seconds: definition_started.elapsed().as_secs_f64(),
+        });
+    }
     if !plan.warnings.is_empty() {
         eprintln!("{}", diagnostics::render_warnings(&plan.warnings));
     }
