@@ -464,3 +464,34 @@ fn the_same_dockerfile_from_two_empty_stores_gives_identical_layer_blobs() {
     assert_eq!(digests[0].len(), 5, "{digests:?}");
     assert_eq!(digests[0], digests[1]);
 }
+
+#[test]
+fn prune_all_keeps_the_blobs_of_tagged_images() {
+    let env = TestEnv::new();
+    let ctx = context(
+        &env,
+        "ctx",
+        &format!("FROM {}/busybox:latest\nRUN echo tagged > /t\n", registry()),
+    );
+    env.build_ok(&["-t", "kept:1", ctx.to_str().unwrap()]);
+    let out = strata_ok(&env, &["prune", "--all"]);
+    assert_ne!(total_line(&out), "0B");
+    assert_eq!(snapshots(&env), Vec::new());
+    // The manifest, the config and the two layers stay; nothing else does.
+    let blobs = std::fs::read_dir(env.root().join("content/blobs/sha256"))
+        .unwrap()
+        .count();
+    assert_eq!(blobs, 4);
+    // A plain prune now has nothing to remove.
+    assert_eq!(total_line(&strata_ok(&env, &["prune"])), "0B");
+    // The image is whole: it saves, and reads back with an independent tool.
+    let tar = env.path("saved.tar");
+    strata_ok(&env, &["save", "-o", tar.to_str().unwrap(), "kept:1"]);
+    let out = run_ok(
+        std::process::Command::new("skopeo")
+            .arg("inspect")
+            .arg(format!("docker-archive:{}", tar.display())),
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["Layers"].as_array().unwrap().len(), 2, "{v}");
+}
