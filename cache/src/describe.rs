@@ -67,6 +67,87 @@ impl CacheDescription {
         serde_json::to_vec(self).map_err(|e| Error::json("encode cache description", e))
     }
 
+    /// Adds the records of imported caches that this one lacks and can serve: every blob
+    /// of the chain is in `content` (so it can be pushed or written), and, when `within`
+    /// is given (`mode=min`), the chain is a prefix of it. A runner that imported a cache
+    /// and hit it so early that the steps below were never visited still exports them,
+    /// so the cache does not shrink from run to run.
+    pub fn carry_over(
+        &mut self,
+        imported: &[&CacheDescription],
+        content: &ContentStore,
+        within: Option<&[LayerBlob]>,
+    ) {
+        for other in imported {
+            for (key, indices) in &other.records {
+                if self.records.contains_key(key) {
+                    continue;
+                }
+                let chain: Vec<&LayerBlob> = indices
+                    .iter()
+                    .filter_map(|i| other.layers.get(*i))
+                    .collect();
+                let servable = chain.iter().all(|l| content.exists(&l.digest));
+                let fits = within.is_none_or(|w| {
+                    chain.len() <= w.len() && chain.iter().zip(w).all(|(a, b)| a.digest == b.digest)
+                });
+                if !servable || !fits {
+                    continue;
+                }
+                let mut mine = Vec::with_capacity(chain.len());
+                for l in chain {
+                    let i = match self.layers.iter().position(|have| have.digest == l.digest) {
+                        Some(i) => i,
+                        None => {
+                            self.layers.push(l.clone());
+                            self.layers.len() - 1
+                        }
+                    };
+                    mine.push(i);
+                }
+                self.records.insert(key.clone(), mine);
+            }
+        }
+        self.normalize();
+    }
+
+    /// Lists layers in the order the (sorted) records first use them, dropping unused
+    /// ones, so equal record sets give equal bytes however they were put together.
+    fn normalize(&mut self) {
+        let mut order: Vec<usize> = Vec::with_capacity(self.layers.len());
+        let mut new_index: HashMap<usize, usize> = HashMap::new();
+        for chain in self.records.values() {
+            for i in chain {
+                new_index.entry(*i).or_insert_with(|| {
+                    order.push(*i);
+                    order.len() - 1
+                });
+            }
+        }
+        for chain in self.records.values_mut() {
+            for i in chain.iter_mut() {
+                *i = new_index[i];
+            }
+        }
+        self.layers = order
+            .iter()
+            .filter_map(|i| self.layers.get(*i).cloned())
+            .collect();
+    }
+
+    /// The longest recorded chain (in `mode=min`, the final image's).
+    pub fn longest_chain(&self) -> Vec<LayerBlob> {
+        self.records
+            .values()
+            .max_by_key(|c| c.len())
+            .map(|c| {
+                c.iter()
+                    .filter_map(|i| self.layers.get(*i).cloned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// The layer chain recorded for `key`, bottom first.
     pub fn chain(&self, key: &CacheKey) -> Option<Vec<LayerBlob>> {
         self.records.get(&key.hex()).map(|c| {
@@ -202,6 +283,7 @@ pub fn describe(
         }
         desc.records.insert(key.hex(), indices);
     }
+    desc.normalize();
     Ok(desc)
 }
 
@@ -258,6 +340,58 @@ mod tests {
         assert_eq!(back.chain(&CacheKey([2; 32])), Some(vec![blob(1), blob(2)]));
         assert_eq!(back.chain(&CacheKey([3; 32])), Some(vec![]));
         assert_eq!(back.chain(&CacheKey([4; 32])), None);
+    }
+
+    #[test]
+    fn carried_records_keep_the_description_canonical() {
+        let dir = tempfile::tempdir().unwrap();
+        let content = ContentStore::open(dir.path()).unwrap();
+        // Blobs 1 and 2 are here, 3 is not.
+        let mut here = Vec::new();
+        for n in [1u8, 2] {
+            let (digest, size) = content.put(&[n; 4], None).unwrap();
+            here.push(LayerBlob {
+                digest,
+                size,
+                ..blob(n)
+            });
+        }
+        let mut theirs = CacheDescription {
+            schema_version: SCHEMA_VERSION,
+            layers: vec![here[0].clone(), here[1].clone(), blob(3)],
+            ..Default::default()
+        };
+        theirs.records.insert(CacheKey([1; 32]).hex(), vec![0]);
+        theirs.records.insert(CacheKey([2; 32]).hex(), vec![0, 1]);
+        theirs.records.insert(CacheKey([3; 32]).hex(), vec![0, 2]);
+        theirs.normalize();
+
+        // Ours has only the longest servable record; carrying theirs over gives back the
+        // servable ones, and byte-equal to a description made with all of them at once.
+        let mut ours = CacheDescription {
+            schema_version: SCHEMA_VERSION,
+            layers: vec![here[0].clone(), here[1].clone()],
+            ..Default::default()
+        };
+        ours.records.insert(CacheKey([2; 32]).hex(), vec![0, 1]);
+        let within = ours.longest_chain();
+        ours.carry_over(&[&theirs], &content, Some(&within));
+        let mut want = theirs.clone();
+        want.records.remove(&CacheKey([3; 32]).hex());
+        want.normalize();
+        assert_eq!(ours.to_json().unwrap(), want.to_json().unwrap());
+        assert_eq!(ours.chain(&CacheKey([3; 32])), None, "blob 3 is not here");
+
+        // `within` keeps chains that are not a prefix of the final image's out.
+        let mut min = CacheDescription {
+            schema_version: SCHEMA_VERSION,
+            layers: vec![here[1].clone()],
+            ..Default::default()
+        };
+        min.records.insert(CacheKey([9; 32]).hex(), vec![0]);
+        let within = min.longest_chain();
+        min.carry_over(&[&theirs], &content, Some(&within));
+        assert_eq!(min.records.len(), 1, "{:?}", min.records);
     }
 
     #[test]

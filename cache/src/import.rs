@@ -8,6 +8,7 @@ use strata_dag::{Digest, Platform};
 use strata_exporter::LayerBlob;
 use strata_registry::{media_types, Client, Reference};
 use strata_snapshotter::content::ContentStore;
+use strata_solver::cache::KeyLock;
 use strata_solver::progress::{Progress, ProgressEvent};
 use strata_solver::worker::RealWorker;
 use strata_solver::{CacheKey, CacheStore, Ref, Worker};
@@ -208,6 +209,11 @@ impl<'a> ImportingCache<'a> {
         }
     }
 
+    /// The caches this one imports (for re-export: see [`CacheDescription::carry_over`]).
+    pub fn imported(&self) -> &[ImportedCache] {
+        &self.imports
+    }
+
     pub fn report(&self) -> ImportReport {
         self.report
             .lock()
@@ -342,5 +348,10 @@ impl CacheStore for ImportingCache<'_> {
 
     fn put(&self, key: &CacheKey, result: &Ref) -> Result<(), String> {
         self.local.put(key, result)
+    }
+
+    // Builds sharing the store still run a key once between them.
+    fn lock(&self, key: &CacheKey) -> Result<Option<KeyLock>, String> {
+        self.local.lock(key)
     }
 }

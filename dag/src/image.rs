@@ -138,6 +138,16 @@ pub struct ImageConfig {
     pub rootfs: RootFs,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub history: Vec<History>,
+    /// An inline build cache description (`--cache-to type=inline`), written into the
+    /// built image's config. Never read from a parsed config, so an image built `FROM`
+    /// one with an inline cache does not inherit it (as with BuildKit's
+    /// `moby.buildkit.cache.v0`); `strata_cache` reads it from the raw config bytes.
+    #[serde(
+        rename = "strata.cache.v1",
+        skip_deserializing,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub inline_cache: Option<serde_json::Value>,
 }
 
 impl ImageConfig {

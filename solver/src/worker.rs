@@ -222,14 +222,12 @@ impl RealWorker {
                     description: description.to_string(),
                     line: format!("extracting {digest}"),
                 });
-                let blob = serde_json::json!({
-                    "digest": digest.to_string(),
-                    "size": layer.size,
-                    "media_type": layer.media_type,
-                    "diff_id": diff_id,
-                });
+                // The whole descriptor, so a layer imported from a build cache describes
+                // itself exactly as on the runner that built it.
+                let blob = serde_json::to_string(layer)
+                    .map_err(|e| format!("encode blob label of {digest}: {e}"))?;
                 let mut labels = BTreeMap::new();
-                labels.insert(LABEL_BLOB.to_string(), blob.to_string());
+                labels.insert(LABEL_BLOB.to_string(), blob);
                 let active = Self::temp_key("pull");
                 self.snapshotter
                     .prepare(&active, &parent)

@@ -229,3 +229,48 @@ fn a_missing_cache_is_a_warning_and_the_build_runs() {
         String::from_utf8_lossy(&bad.stderr)
     );
 }
+
+#[test]
+fn inline_cache_in_a_pushed_image_serves_the_next_runner() {
+    let image = format!("{}/strata-e2e/inline-cache:{}", registry(), unique());
+    let a = TestEnv::new();
+    let ctx_a = a.copy_context(&context(), "ctx");
+    let meta_a = a.path("meta.json");
+    a.build_ok(&[
+        "--build-arg",
+        EPOCH_ARG,
+        "-t",
+        &image,
+        "--push",
+        "--cache-to",
+        "type=inline",
+        "--metadata-file",
+        meta_a.to_str().unwrap(),
+        ctx_a.to_str().unwrap(),
+    ]);
+
+    let b = TestEnv::new();
+    let ctx_b = b.copy_context(&context(), "ctx");
+    let meta_b = b.path("meta.json");
+    let log = b.build_ok(&[
+        "--build-arg",
+        EPOCH_ARG,
+        "--cache-from",
+        &image,
+        // B writes its own inline cache too; carrying A's records over, it is the same.
+        "--cache-to",
+        "type=inline",
+        "--metadata-file",
+        meta_b.to_str().unwrap(),
+        ctx_b.to_str().unwrap(),
+    ]);
+    // mode=min: the final stage's steps and its base; the deps stage is not in it.
+    assert!(
+        log.contains(&format!(
+            "#importing cache manifest from {image}: 5 records"
+        )),
+        "{log}"
+    );
+    assert_eq!(executed_steps(&log), Vec::<String>::new(), "{log}");
+    assert_eq!(manifest_digest(&meta_b), manifest_digest(&meta_a));
+}

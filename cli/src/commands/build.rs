@@ -283,6 +283,13 @@ pub fn run(cli: &Cli, args: &BuildArgs) -> Result<i32> {
     }
 
     let epoch = source_date_epoch;
+    let cache_state = build_cache::Solved {
+        store: &store,
+        imported: cache.imported(),
+        records: build_cache::exportable_records(&store, &worker, &report),
+        result: &result,
+        source_date_epoch: epoch,
+    };
     super::outputs::write_outputs(
         cli,
         args,
@@ -290,20 +297,17 @@ pub fn run(cli: &Cli, args: &BuildArgs) -> Result<i32> {
         super::outputs::BuildResult {
             store: &store,
             result: &result,
-            config: plan.image,
+            config: build_cache::with_inline_cache(
+                plan.image,
+                &cache_opts,
+                &cache_state,
+                outputs.first().map(|o| &o.image.compression),
+            )?,
             epoch,
         },
         quiet,
         &progress,
     )?;
-    build_cache::export_caches(
-        &store,
-        &worker.registry,
-        &cache_opts.to,
-        &build_cache::exportable_records(&store, &worker, &report),
-        &result,
-        epoch,
-        &progress,
-    )?;
+    build_cache::export_caches(&cache_state, &worker.registry, &cache_opts.to, &progress)?;
     Ok(0)
 }

@@ -2,10 +2,12 @@
 
 use anyhow::{anyhow, Context, Result};
 use std::collections::HashSet;
-use strata_cache::{CacheFrom, CacheTo, ExportTarget, ImportedCache};
+use strata_cache::{CacheFrom, CacheTo, ExportTarget, ImportedCache, Mode};
 use strata_registry::Client;
 use strata_solver::progress::{Progress, ProgressEvent};
 
+use strata_dag::image::ImageConfig;
+use strata_exporter::Compression;
 use strata_solver::{CacheKey, CacheStore, Ref, SolveReport, Worker};
 
 use crate::store::Store;
@@ -30,11 +32,6 @@ impl CacheOptions {
                 })
                 .collect::<Result<_>>()?,
         })
-    }
-
-    /// Whether the image config must carry an inline cache description.
-    pub fn inline(&self) -> bool {
-        self.to.iter().any(|c| c.target == ExportTarget::Inline)
     }
 }
 
@@ -102,28 +99,37 @@ pub fn exportable_records(
     out
 }
 
+/// What a solve leaves for cache export.
+pub struct Solved<'a> {
+    pub store: &'a Store,
+    /// The descriptions imported with `--cache-from`.
+    pub imported: &'a [ImportedCache],
+    /// See [`exportable_records`].
+    pub records: Vec<(CacheKey, Ref)>,
+    pub result: &'a Ref,
+    pub source_date_epoch: Option<i64>,
+}
+
 /// Writes every `--cache-to` but `inline` (which the image export embeds).
 pub fn export_caches(
-    store: &Store,
+    solved: &Solved<'_>,
     client: &Client,
     to: &[CacheTo],
-    resolved: &[(CacheKey, Ref)],
-    result: &Ref,
-    source_date_epoch: Option<i64>,
     progress: &dyn Progress,
 ) -> Result<()> {
+    let content = &solved.store.content;
     for spec in to {
         let (report, name) = match &spec.target {
             ExportTarget::Inline => continue,
             ExportTarget::Registry(reference) => {
-                let desc = describe(store, spec, resolved, result, source_date_epoch)?;
-                let report = strata_cache::push_registry(client, &store.content, &desc, reference)
+                let desc = describe(solved, spec)?;
+                let report = strata_cache::push_registry(client, content, &desc, reference)
                     .with_context(|| format!("export build cache to {reference}"))?;
                 (report, reference.to_string())
             }
             ExportTarget::Local(dir) => {
-                let desc = describe(store, spec, resolved, result, source_date_epoch)?;
-                let report = strata_cache::write_local(&store.content, &desc, dir)
+                let desc = describe(solved, spec)?;
+                let report = strata_cache::write_local(content, &desc, dir)
                     .with_context(|| format!("export build cache to {}", dir.display()))?;
                 (report, dir.display().to_string())
             }
@@ -143,24 +149,55 @@ pub fn export_caches(
     Ok(())
 }
 
-/// The description of the records `spec.mode` selects.
-pub fn describe(
-    store: &Store,
-    spec: &CacheTo,
-    resolved: &[(CacheKey, Ref)],
-    result: &Ref,
-    source_date_epoch: Option<i64>,
-) -> Result<strata_cache::CacheDescription> {
-    let records = strata_cache::select(store.snapshotter.as_ref(), resolved, spec.mode, result)
-        .map_err(|e| anyhow!(e))
-        .context("select cache records")?;
-    strata_cache::describe(
+/// The image config, with the description of the final image's steps in it when
+/// `--cache-to type=inline` asks. Its blobs are the image's own layers (same compression
+/// and SOURCE_DATE_EPOCH labels as the image export, which then reuses them).
+pub fn with_inline_cache(
+    mut image: ImageConfig,
+    opts: &CacheOptions,
+    solved: &Solved<'_>,
+    compression: Option<&Compression>,
+) -> Result<ImageConfig> {
+    let Some(spec) = opts.to.iter().find(|c| c.target == ExportTarget::Inline) else {
+        return Ok(image);
+    };
+    let spec = CacheTo {
+        compression: compression.cloned().unwrap_or_default(),
+        ..spec.clone()
+    };
+    let desc = describe(solved, &spec)?;
+    image.inline_cache = Some(serde_json::to_value(&desc).context("encode inline cache")?);
+    Ok(image)
+}
+
+/// The description of the records `spec.mode` selects, with the imported records this
+/// store can serve carried over.
+pub fn describe(solved: &Solved<'_>, spec: &CacheTo) -> Result<strata_cache::CacheDescription> {
+    let store = solved.store;
+    let epoch = solved.source_date_epoch;
+    let records = strata_cache::select(
+        store.snapshotter.as_ref(),
+        &solved.records,
+        spec.mode,
+        solved.result,
+    )
+    .map_err(|e| anyhow!(e))
+    .context("select cache records")?;
+    let mut desc = strata_cache::describe(
         store.snapshotter.as_ref(),
         &store.content,
         &records,
         &spec.compression,
-        source_date_epoch,
-        &super::outputs::blob_label(&spec.compression, source_date_epoch),
+        epoch,
+        &super::outputs::blob_label(&spec.compression, epoch),
     )
-    .context("describe build cache")
+    .context("describe build cache")?;
+    let within = match spec.mode {
+        Mode::Min => Some(desc.longest_chain()),
+        Mode::Max => None,
+    };
+    let others: Vec<&strata_cache::CacheDescription> =
+        solved.imported.iter().map(|i| &i.description).collect();
+    desc.carry_over(&others, &store.content, within.as_deref());
+    Ok(desc)
 }
