@@ -19,7 +19,12 @@ fn accepted_flags(instruction: &str) -> &'static [&'static str] {
         "FROM" => &["--platform"],
         "RUN" => &["--mount", "--network", "--security", "--device"],
         "COPY" => &[
-            "--from", "--chown", "--chmod", "--link", "--parents", "--exclude",
+            "--from",
+            "--chown",
+            "--chmod",
+            "--link",
+            "--parents",
+            "--exclude",
         ],
         "ADD" => &[
             "--chown",
@@ -104,12 +109,17 @@ fn explain(message: &str, line: &str) -> (Option<String>, Option<String>) {
         return (instr_token, Some(format!("expected: {upper} <value>")));
     }
     if message.contains("requires at least one argument") {
-        return (instr_token, Some(format!("expected: {upper} <argument>...")));
+        return (
+            instr_token,
+            Some(format!("expected: {upper} <argument>...")),
+        );
     }
     if message.contains("requires at least two arguments") {
         return (
             instr_token,
-            Some(format!("expected: {upper} [flags] <source>... <destination>")),
+            Some(format!(
+                "expected: {upper} [flags] <source>... <destination>"
+            )),
         );
     }
     if message.contains("requires exactly two arguments") {
@@ -124,15 +134,67 @@ fn explain(message: &str, line: &str) -> (Option<String>, Option<String>) {
         );
     }
     if message.ends_with("names can not be blank") {
-        return (
-            Some("=".into()),
-            Some("expected a name before '='".into()),
-        );
+        return (Some("=".into()), Some("expected a name before '='".into()));
     }
     if message.starts_with("when using JSON array syntax") {
         return (
             Some("[".into()),
             Some(r#"expected a JSON array of strings, like ["executable", "param1"]"#.into()),
+        );
+    }
+    if message == "unterminated heredoc" {
+        return (
+            Some("<<".into()),
+            Some(
+                "expected a line holding only the heredoc's name (the word after <<) before \
+                 the end of the file"
+                    .into(),
+            ),
+        );
+    }
+    if let Some(rest) = message.strip_prefix("Syntax error - can't find = in ") {
+        let word = rest.split(". Must be").next().unwrap_or_default();
+        return (
+            (!word.is_empty()).then(|| word.to_string()),
+            Some(format!("expected: {upper} <name>=<value> ...")),
+        );
+    }
+    if message.starts_with("invalid escape token") {
+        return (
+            Some("escape".into()),
+            Some("expected # escape=\\ (the default) or # escape=` (a backtick)".into()),
+        );
+    }
+    if let Some(name) = message
+        .strip_prefix("only one ")
+        .and_then(|r| r.strip_suffix(" parser directive can be used"))
+    {
+        return (
+            Some(name.to_string()),
+            Some(format!("expected at most one `# {name}=` directive")),
+        );
+    }
+    if message.starts_with("failed to process ")
+        && (message.contains("syntax error") || message.contains("unsupported modifier"))
+    {
+        return (
+            Some("${".into()),
+            Some(
+                "expected a complete substitution: ${NAME}, ${NAME:-default}, ${NAME#pattern}, \
+                 ${NAME/pattern/replacement}, ..."
+                    .into(),
+            ),
+        );
+    }
+    if let Some(base) = message
+        .strip_prefix("base name (")
+        .and_then(|r| r.strip_suffix(") should not be blank"))
+    {
+        return (
+            Some(base.to_string()),
+            Some(
+                "expected the global ARG it uses to have a value (a default or --build-arg)".into(),
+            ),
         );
     }
     if message.contains("failed to resolve source metadata for ") {
@@ -151,9 +213,7 @@ fn explain(message: &str, line: &str) -> (Option<String>, Option<String>) {
         } else {
             (
                 Some("--from=".into()),
-                Some(
-                    "--from names an earlier stage (by name or index) or an image".into(),
-                ),
+                Some("--from names an earlier stage (by name or index) or an image".into()),
             )
         };
     }
