@@ -562,6 +562,186 @@ fn components(p: &Path) -> Vec<OsString> {
 mod tests {
     use super::*;
 
+    fn key(prefix: &str) -> String {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static N: AtomicU64 = AtomicU64::new(0);
+        format!(
+            "{prefix}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst)
+        )
+    }
+
+    struct Fixture {
+        _dir: tempfile::TempDir,
+        snapshotter: Arc<OverlaySnapshotter>,
+        mounts_dir: PathBuf,
+        run_env: RunEnv,
+    }
+
+    impl Fixture {
+        fn new() -> Self {
+            let dir = tempfile::tempdir().unwrap();
+            let snapshotter =
+                Arc::new(OverlaySnapshotter::open(&dir.path().join("snapshots")).unwrap());
+            let run_env = RunEnv {
+                cache_mounts_dir: Some(dir.path().join("cache-mounts")),
+                ..Default::default()
+            };
+            Fixture {
+                mounts_dir: dir.path().join("mounts"),
+                _dir: dir,
+                snapshotter,
+                run_env,
+            }
+        }
+
+        fn ctx(&self) -> MountContext<'_> {
+            MountContext {
+                snapshotter: &self.snapshotter,
+                mounts_dir: &self.mounts_dir,
+                run_env: &self.run_env,
+                temp_key: &key,
+                ignore: None,
+            }
+        }
+
+        fn cache(&self, sharing: &str) -> (PreparedMounts, PathBuf) {
+            let exec = ExecOp {
+                mounts: vec![ExecMount {
+                    target: "/c".into(),
+                    kind: ExecMountKind::Cache {
+                        id: "the-id".into(),
+                        sharing: sharing.into(),
+                        mode: 0o750,
+                        uid: 1000,
+                        gid: 1001,
+                        readonly: false,
+                        from: None,
+                        source: String::new(),
+                    },
+                }],
+                ..Default::default()
+            };
+            let p = self.ctx().prepare(&exec, &[]).unwrap();
+            let dir = match &p.mounts[0] {
+                ExtraMount::Bind { source, .. } => source.clone(),
+                other => panic!("{other:?}"),
+            };
+            (p, dir)
+        }
+    }
+
+    #[test]
+    fn cache_dirs_get_their_owner_and_mode_and_persist() {
+        use std::os::unix::fs::MetadataExt;
+        let f = Fixture::new();
+        let (p, dir) = f.cache("shared");
+        let meta = fs::metadata(&dir).unwrap();
+        assert_eq!(
+            (meta.uid(), meta.gid(), meta.mode() & 0o7777),
+            (1000, 1001, 0o750)
+        );
+        fs::write(dir.join("kept"), "x").unwrap();
+        drop(p);
+        let (_p2, again) = f.cache("shared");
+        assert_eq!(again, dir);
+        assert!(again.join("kept").exists());
+        // Shared users share.
+        let (_p3, third) = f.cache("shared");
+        assert_eq!(third, dir);
+    }
+
+    #[test]
+    fn private_cache_users_get_separate_dirs_while_busy() {
+        let f = Fixture::new();
+        let (first, a) = f.cache("private");
+        let (_second, b) = f.cache("private");
+        assert_ne!(a, b);
+        drop(first);
+        let (_third, c) = f.cache("private");
+        assert_eq!(c, a, "a released private dir is reused");
+    }
+
+    #[test]
+    fn locked_cache_waits_for_the_holder() {
+        let f = Fixture::new();
+        let (held, _) = f.cache("locked");
+        let released = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|s| {
+            let waiter = s.spawn(|| {
+                let (_p, _) = f.cache("locked");
+                released.load(std::sync::atomic::Ordering::SeqCst)
+            });
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            released.store(true, std::sync::atomic::Ordering::SeqCst);
+            drop(held);
+            assert!(waiter.join().unwrap(), "got the lock while it was held");
+        });
+    }
+
+    #[test]
+    fn missing_secrets_fail_only_when_required() {
+        let f = Fixture::new();
+        let secret = |required: bool| ExecOp {
+            mounts: vec![ExecMount {
+                target: "/run/secrets/s".into(),
+                kind: ExecMountKind::Secret {
+                    id: "s".into(),
+                    required,
+                    mode: 0o400,
+                    uid: 0,
+                    gid: 0,
+                    env: None,
+                },
+            }],
+            ..Default::default()
+        };
+        let err = f.ctx().prepare(&secret(true), &[]).err().unwrap();
+        assert_eq!(err, "secret s: not found");
+        let p = f.ctx().prepare(&secret(false), &[]).unwrap();
+        assert!(p.mounts.is_empty());
+    }
+
+    #[test]
+    fn secret_files_are_removed_with_the_step() {
+        let mut f = Fixture::new();
+        f.run_env.secrets.insert("s".into(), b"value".to_vec());
+        let exec = ExecOp {
+            mounts: vec![ExecMount {
+                target: "/run/secrets/s".into(),
+                kind: ExecMountKind::Secret {
+                    id: "s".into(),
+                    required: true,
+                    mode: 0o440,
+                    uid: 0,
+                    gid: 0,
+                    env: Some("S".into()),
+                },
+            }],
+            ..Default::default()
+        };
+        let p = f.ctx().prepare(&exec, &[]).unwrap();
+        assert_eq!(p.env, vec!["S=value".to_string()]);
+        let file = match &p.mounts[0] {
+            ExtraMount::Bind {
+                source, readonly, ..
+            } => {
+                assert!(readonly);
+                source.clone()
+            }
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(fs::read(&file).unwrap(), b"value");
+        assert_eq!(
+            fs::metadata(&file).unwrap().permissions().mode() & 0o7777,
+            0o440
+        );
+        drop(p);
+        assert!(!file.exists());
+        assert!(!file.parent().unwrap().exists());
+    }
+
     #[test]
     fn resolve_stays_inside_root() {
         let dir = tempfile::tempdir().unwrap();
