@@ -387,7 +387,7 @@ impl Write for ChannelWriter {
 }
 
 pub(crate) enum Encoder<W: Write> {
-    Gzip(flate2::write::GzEncoder<W>),
+    Gzip(crate::pgzip::ParallelGzEncoder<W>),
     Zstd(zstd::Encoder<'static, W>),
     Plain(W),
 }
@@ -397,9 +397,12 @@ impl<W: Write> Encoder<W> {
         Ok(match compression {
             // GzBuilder's defaults: mtime 0, no file name, OS "unknown" -> equal input gives
             // equal bytes.
-            Compression::Gzip { level } => Encoder::Gzip(
-                flate2::GzBuilder::new().write(sink, flate2::Compression::new((*level).min(9))),
-            ),
+            // Blocks compressed on several threads into one ordinary gzip member.
+            Compression::Gzip { level } => Encoder::Gzip(crate::pgzip::ParallelGzEncoder::new(
+                sink,
+                (*level).min(9),
+                std::thread::available_parallelism().map_or(1, |n| n.get().clamp(1, 4)),
+            )),
             Compression::Zstd { level } => Encoder::Zstd(
                 zstd::Encoder::new(sink, *level)
                     .map_err(|e| Error::io("start zstd compression", e))?,

@@ -15,6 +15,7 @@ mod layer;
 mod load;
 mod local;
 mod names;
+mod pgzip;
 mod push;
 mod store;
 

@@ -40,7 +40,7 @@ pub fn record_blob_source(
 ) -> Result<()> {
     use std::io::Write;
     let line = format!("{registry}/{repository}");
-    if blob_sources(store, digest).iter().any(|l| *l == line) {
+    if blob_sources(store, digest).contains(&line) {
         return Ok(());
     }
     let dir = store.root().join("sources");
