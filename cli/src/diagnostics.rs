@@ -212,7 +212,9 @@ fn explain(message: &str, line: &str) -> (Option<String>, Option<String>) {
             )
         } else {
             (
-                Some("--from=".into()),
+                line.split_whitespace()
+                    .find(|w| w.starts_with("--from="))
+                    .map(str::to_string),
                 Some("--from names an earlier stage (by name or index) or an image".into()),
             )
         };
@@ -356,7 +358,26 @@ pub fn render_convert_error(file: &str, source: &str, e: &ConvertError) -> Strin
         .lines()
         .nth(loc.start_line.saturating_sub(1))
         .unwrap_or_default();
-    let (token, help) = explain(&e.message, line);
+    let (token, mut help) = explain(&e.message, line);
+    if e.message.contains("failed to resolve source metadata for ") {
+        // A misspelt stage name is looked up as an image; say which stage was meant.
+        let name = token
+            .as_deref()
+            .map(|t| t.strip_prefix("--from=").unwrap_or(t).to_lowercase());
+        let stages = stage_names(source);
+        let close = name.and_then(|n| {
+            stages
+                .iter()
+                .filter(|s| **s != n)
+                .map(|s| (strata_frontend::lint::levenshtein(&n, s), s))
+                .filter(|(d, _)| *d < 3)
+                .min_by_key(|(d, _)| *d)
+                .map(|(_, s)| s.clone())
+        });
+        if let (Some(stage), Some(h)) = (close, help.as_mut()) {
+            h.push_str(&format!(" (did you mean the stage {stage}?)"));
+        }
+    }
     render_at(
         file,
         source,
@@ -460,6 +481,26 @@ mod tests {
         let out = render_convert_error("Dockerfile", src, &e);
         assert!(out.contains("\n     |     \t    ^\n"), "{out:?}");
         assert!(out.starts_with("Dockerfile:2:6\n"), "{out}");
+    }
+
+    #[test]
+    fn misspelt_stage_in_copy_from_is_suggested() {
+        let src = "FROM a AS builder\nFROM b\nCOPY --from=buidler /x /\n";
+        let e = err(
+            ErrorKind::Lowering,
+            3,
+            "failed to resolve source metadata for docker.io/library/buidler:latest: not found",
+        );
+        let out = render_convert_error("Dockerfile", src, &e);
+        assert!(out.starts_with("Dockerfile:3:6\n"), "{out}");
+        assert!(out.contains("\n     |          ^^^^^^^^^^^^^^\n"), "{out}");
+        assert!(
+            out.ends_with(
+                "help: --from names an earlier stage (by name or index) or an image \
+                 (did you mean the stage builder?)"
+            ),
+            "{out}"
+        );
     }
 
     #[test]

@@ -272,7 +272,9 @@ fn suggest(val: &str, options: &[&str]) -> Option<String> {
     best
 }
 
-pub(crate) fn levenshtein(a: &str, b: &str) -> usize {
+/// Edit distance in characters (agext/levenshtein with unit costs, as BuildKit's
+/// `suggest` package uses).
+pub fn levenshtein(a: &str, b: &str) -> usize {
     let a: Vec<char> = a.chars().collect();
     let b: Vec<char> = b.chars().collect();
     let mut prev: Vec<usize> = (0..=b.len()).collect();
