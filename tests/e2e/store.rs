@@ -495,3 +495,62 @@ fn prune_all_keeps_the_blobs_of_tagged_images() {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["Layers"].as_array().unwrap().len(), 2, "{v}");
 }
+
+#[test]
+fn prune_waits_for_a_running_build_and_never_pulls_its_snapshots_away() {
+    let env = TestEnv::new();
+    let ctx = context(
+        &env,
+        "ctx",
+        &format!(
+            "FROM {}/busybox:latest\nRUN echo started-step && sleep 3 && echo one > /one\n\
+             RUN cat /one > /two\n",
+            registry()
+        ),
+    );
+    let log = env.path("build.log");
+    let mut build = env
+        .strata()
+        .args(["build", "--progress=plain", ctx.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("started-step")
+    {
+        assert!(Instant::now() < deadline, "the step never started");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let prune_err = env.path("prune.log");
+    let mut prune = env
+        .strata()
+        .args(["prune", "--all"])
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&prune_err).unwrap())
+        .spawn()
+        .unwrap();
+    // The prune holds off while the build runs ...
+    std::thread::sleep(Duration::from_millis(1000));
+    assert!(
+        prune.try_wait().unwrap().is_none(),
+        "prune ran during a build"
+    );
+    let status = build.wait().unwrap();
+    assert!(
+        status.success(),
+        "{}",
+        std::fs::read_to_string(&log).unwrap()
+    );
+    // ... then removes everything the build left.
+    let out = prune.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let stderr = std::fs::read_to_string(&prune_err).unwrap();
+    assert!(stderr.contains("waiting for"), "{stderr}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_ne!(total_line(&stdout), "0B");
+    assert_eq!(snapshots(&env), Vec::new());
+    assert_steps(&env.build_ok(&[ctx.to_str().unwrap()]), 3, 0);
+}
