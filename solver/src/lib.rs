@@ -12,6 +12,10 @@
 //! only the hits the walk reached (the topmost cached step of each branch): the steps
 //! below a hit are not looked at, so a warm rebuild costs one cache lookup per branch.
 //!
+//! `ignore_cache` (`--no-cache`, `--no-cache-filter`) makes a step run whatever the cache
+//! holds, and so do the steps downstream of a re-made exec or file op (their records were
+//! made from the old result); a re-pulled image is the same image and taints nothing.
+//!
 //! Concurrent builds: before a missed node runs, its worker takes the cache store's lock
 //! for the key (a `flock`ed file per key, shared by every process on the store) and looks
 //! the key up again, so when two builds need the same op it runs once and the second
@@ -35,7 +39,7 @@ use petgraph::graph::{DiGraph, NodeIndex};
 use petgraph::visit::{Dfs, Reversed};
 use petgraph::Direction;
 
-use strata_dag::{Definition, Digest, Node, NodeMeta};
+use strata_dag::{Definition, Digest, Node, NodeMeta, Op};
 
 pub use cache::{CacheStore, KeyLock};
 pub use progress::{Progress, ProgressEvent};
@@ -150,6 +154,14 @@ struct Plan<'d> {
     order: Vec<NodeIndex>,
     keys: HashMap<NodeIndex, CacheKey>,
     immediate: HashMap<NodeIndex, Ref>,
+    /// Nodes that must run when needed, whatever the cache holds: those marked
+    /// `ignore_cache` and those reading a result that is re-made (see [`Plan::tainted`]).
+    fresh: HashSet<NodeIndex>,
+    /// Nodes whose result may differ from the recorded one because it is re-made: an
+    /// `ignore_cache` exec or file op, and everything downstream of one. (Image sources are
+    /// pinned by digest, so pulling one again makes the same result and taints nothing;
+    /// that matters because one FROM node is shared by every stage on the same image.)
+    tainted: HashSet<NodeIndex>,
 }
 
 impl Plan<'_> {
@@ -246,6 +258,8 @@ impl<'a> Solver<'a> {
             index,
             keys: HashMap::new(),
             immediate: HashMap::new(),
+            fresh: HashSet::new(),
+            tainted: HashSet::new(),
         };
         for &ix in &plan.order {
             let node = plan.graph[ix];
@@ -279,6 +293,18 @@ impl<'a> Solver<'a> {
             }
             plan.keys
                 .insert(ix, CacheKey(*hasher.finalize().as_bytes()));
+            let ignore_cache = def.metadata.get(digest).is_some_and(|m| m.ignore_cache);
+            let reads_tainted = node
+                .inputs
+                .iter()
+                .filter_map(|i| plan.index.get(&i.digest))
+                .any(|i| plan.tainted.contains(i));
+            if reads_tainted || (ignore_cache && !matches!(node.op, Op::Source(_))) {
+                plan.tainted.insert(ix);
+            }
+            if ignore_cache || reads_tainted {
+                plan.fresh.insert(ix);
+            }
         }
         Ok(plan)
     }
@@ -314,7 +340,7 @@ impl<'a> Solver<'a> {
             let digest = &plan.digests[ix.index()];
             let meta = def.metadata.get(digest).cloned().unwrap_or_default();
             let key = plan.keys[&ix];
-            if !meta.ignore_cache {
+            if !plan.fresh.contains(&ix) {
                 let hit = self.cache.get(&key).map_err(Error::Cache)?;
                 if let Some(r) = hit.filter(|r| self.worker.exists(r)) {
                     self.progress.event(ProgressEvent::Cached {
@@ -341,12 +367,19 @@ impl<'a> Solver<'a> {
 
     /// Runs one missed node: under the key's lock, unless another build has made it by
     /// the time the lock is ours.
-    fn run_one(&self, node: &Node, meta: &NodeMeta, key: &CacheKey, inputs: &[Ref]) -> Outcome {
+    fn run_one(
+        &self,
+        node: &Node,
+        meta: &NodeMeta,
+        key: &CacheKey,
+        inputs: &[Ref],
+        fresh: bool,
+    ) -> Outcome {
         self.progress.event(ProgressEvent::Started {
             description: meta.description.clone(),
         });
-        // `--no-cache` steps run regardless of what other builds made, so need no lock.
-        let _lock = if meta.ignore_cache {
+        // Fresh steps (`--no-cache`) run regardless of what other builds made: no lock.
+        let _lock = if fresh {
             None
         } else {
             let lock = match self.cache.lock(key) {
@@ -442,10 +475,11 @@ impl<'a> Solver<'a> {
                         let digest = &plan.digests[ix.index()];
                         let meta = def.metadata.get(digest).cloned().unwrap_or_default();
                         let key = plan.keys[&ix];
+                        let fresh = plan.fresh.contains(&ix);
                         let tx = tx.clone();
                         running += 1;
                         scope.spawn(move || {
-                            let outcome = self.run_one(node, &meta, &key, &inputs);
+                            let outcome = self.run_one(node, &meta, &key, &inputs, fresh);
                             let _ = tx.send((n, outcome));
                         });
                     }

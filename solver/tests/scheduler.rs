@@ -471,3 +471,50 @@ fn two_solves_on_one_store_run_a_shared_step_once() {
     let reused: usize = reports.iter().map(|r| r.cached.len()).sum();
     assert!(reused >= 1, "{reports:?}");
 }
+
+#[test]
+fn a_re_made_step_re_makes_its_dependents_but_a_re_pulled_image_does_not() {
+    // Stage a (ignore_cache, as --no-cache-filter a marks it) and stage b share one FROM
+    // node, which carries the mark too; the final step reads both stages.
+    let build = |filter_a: bool| {
+        let mut b = DefinitionBuilder::new();
+        let mut from_meta = meta("[a 1/2] FROM base");
+        from_meta.ignore_cache = filter_a;
+        let base = b.add(
+            Node {
+                inputs: vec![],
+                op: Op::Source(SourceOp::Image {
+                    reference: "base".into(),
+                }),
+                platform: Platform::default(),
+            },
+            from_meta,
+        );
+        let mut a_meta = meta("[a 2/2] RUN a");
+        a_meta.ignore_cache = filter_a;
+        let a = run(&mut b, &base, "a", a_meta);
+        let stage_b = run(&mut b, &base, "b", meta("[b 2/2] RUN b"));
+        let join = b.add(
+            Node {
+                inputs: vec![a, stage_b],
+                op: Op::Merge,
+                platform: Platform::default(),
+            },
+            meta("[final 2/2] COPY --from=a --from=b"),
+        );
+        b.finish(Some(join))
+    };
+    let worker = FakeWorker::default();
+    let cache = MemoryCache::default();
+    solve(&worker, &cache, &build(false), 4).unwrap();
+    worker.reset();
+    solve(&worker, &cache, &build(true), 4).unwrap();
+    assert_eq!(
+        worker.runs(),
+        vec![
+            "[a 1/2] FROM base".to_string(),
+            "[a 2/2] RUN a".to_string(),
+            "[final 2/2] COPY --from=a --from=b".to_string(),
+        ]
+    );
+}

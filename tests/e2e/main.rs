@@ -12,4 +12,5 @@ mod errors;
 mod exporter;
 mod interrupt;
 mod run_mounts;
+mod solver;
 mod store;
