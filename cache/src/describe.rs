@@ -33,6 +33,11 @@ pub struct CacheDescription {
     /// Cache key (hex) -> indices into `layers`, bottom of the chain first. An empty chain
     /// is an empty filesystem.
     pub records: BTreeMap<String, Vec<usize>>,
+    /// `RUN --mount=type=cache` id -> a blob of the mount's contents
+    /// (`cache-mounts=true`), restored on a runner that lacks the mount when a step that
+    /// uses it runs.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub mounts: BTreeMap<String, LayerBlob>,
 }
 
 impl CacheDescription {
@@ -148,6 +153,48 @@ impl CacheDescription {
             .unwrap_or_default()
     }
 
+    /// Every blob the cache holds (record layers, then cache mounts), each once: the
+    /// artifact's layers.
+    pub fn blobs(&self) -> Vec<&LayerBlob> {
+        let mut out: Vec<&LayerBlob> = Vec::new();
+        for b in self.layers.iter().chain(self.mounts.values()) {
+            if !out.iter().any(|have| have.digest == b.digest) {
+                out.push(b);
+            }
+        }
+        out
+    }
+
+    /// Adds a blob of each cache mount's contents (`<root>/<sha256(id) hex>/data`, the
+    /// solver's layout) for the ids this build uses and this store has.
+    pub fn add_cache_mounts(
+        &mut self,
+        root: &std::path::Path,
+        ids: &[String],
+        content: &ContentStore,
+        compression: &Compression,
+        source_date_epoch: Option<i64>,
+    ) -> Result<()> {
+        for id in ids {
+            let dir = cache_mount_dir(root, id);
+            if !dir.is_dir() {
+                continue;
+            }
+            let blob = strata_exporter::export_layer(
+                &dir,
+                content,
+                compression,
+                &DiffOptions { source_date_epoch },
+            )
+            .map_err(|source| Error::Exporter {
+                action: format!("export cache mount {id}"),
+                source,
+            })?;
+            self.mounts.insert(id.clone(), blob);
+        }
+        Ok(())
+    }
+
     /// The layer chain recorded for `key`, bottom first.
     pub fn chain(&self, key: &CacheKey) -> Option<Vec<LayerBlob>> {
         self.records.get(&key.hex()).map(|c| {
@@ -156,6 +203,32 @@ impl CacheDescription {
                 .collect()
         })
     }
+}
+
+/// Where the solver keeps cache mount `id`'s shared directory under `root`.
+pub fn cache_mount_dir(root: &std::path::Path, id: &str) -> std::path::PathBuf {
+    root.join(strata_dag::Digest::of(id.as_bytes()).hex())
+        .join("data")
+}
+
+/// The ids of the `RUN --mount=type=cache` mounts of a definition.
+pub fn cache_mount_ids(def: &strata_dag::Definition) -> Vec<String> {
+    let mut ids: Vec<String> = def
+        .nodes
+        .iter()
+        .filter_map(|n| match &n.op {
+            strata_dag::Op::Exec(e) => Some(e.mounts.iter()),
+            _ => None,
+        })
+        .flatten()
+        .filter_map(|m| match &m.kind {
+            strata_dag::ExecMountKind::Cache { id, .. } => Some(id.clone()),
+            _ => None,
+        })
+        .collect();
+    ids.sort();
+    ids.dedup();
+    ids
 }
 
 /// The records a `mode` exports out of everything the solve resolved: all of them for

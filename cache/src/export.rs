@@ -23,6 +23,7 @@ const PARALLEL_UPLOADS: usize = 3;
 pub struct ExportReport {
     pub records: usize,
     pub layers: usize,
+    pub mounts: usize,
     /// Digest of the artifact's manifest.
     pub manifest_digest: Digest,
     /// Blobs (layers, config, manifest) whose bytes were sent or written.
@@ -35,8 +36,8 @@ pub struct ExportReport {
 /// The artifact manifest for a description whose bytes are `config`.
 fn manifest(desc: &CacheDescription, config: &[u8]) -> Result<Vec<u8>> {
     let layers: Vec<serde_json::Value> = desc
-        .layers
-        .iter()
+        .blobs()
+        .into_iter()
         .map(|l| {
             serde_json::json!({
                 "mediaType": l.media_type,
@@ -74,17 +75,18 @@ pub fn push_registry(
 ) -> Result<ExportReport> {
     let config = desc.to_json()?;
     let manifest = manifest(desc, &config)?;
+    let blobs = desc.blobs();
     let sent: Mutex<(usize, u64, usize)> = Mutex::new((0, 0, 0));
     let first_error: Mutex<Option<Error>> = Mutex::new(None);
     let next = AtomicUsize::new(0);
     let failed = AtomicBool::new(false);
     std::thread::scope(|s| {
-        for _ in 0..PARALLEL_UPLOADS.min(desc.layers.len()) {
+        for _ in 0..PARALLEL_UPLOADS.min(blobs.len()) {
             s.spawn(|| loop {
                 if failed.load(Ordering::Relaxed) {
                     return;
                 }
-                let Some(layer) = desc.layers.get(next.fetch_add(1, Ordering::Relaxed)) else {
+                let Some(layer) = blobs.get(next.fetch_add(1, Ordering::Relaxed)) else {
                     return;
                 };
                 let mut open = || -> std::io::Result<Box<dyn Read>> {
@@ -140,6 +142,7 @@ pub fn push_registry(
     Ok(ExportReport {
         records: desc.records.len(),
         layers: desc.layers.len(),
+        mounts: desc.mounts.len(),
         manifest_digest,
         written_blobs,
         written_bytes,
@@ -192,6 +195,7 @@ pub fn write_local(
     let mut report = ExportReport {
         records: desc.records.len(),
         layers: desc.layers.len(),
+        mounts: desc.mounts.len(),
         manifest_digest: Digest::of(b""),
         written_blobs: 0,
         written_bytes: 0,
@@ -205,7 +209,7 @@ pub fn write_local(
             report.existing_blobs += 1;
         }
     };
-    for layer in &desc.layers {
+    for layer in desc.blobs() {
         let path = blobs.join(layer.digest.hex());
         if path.is_file() {
             note(false, layer.size);

@@ -1,10 +1,9 @@
 //! Reading a cache: the description up front, a step's layers only when the solve hits it.
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use strata_dag::{Digest, Platform};
+use strata_dag::{Digest, ExecMountKind, Node, NodeMeta, Op, Platform};
 use strata_exporter::LayerBlob;
 use strata_registry::{media_types, Client, Reference};
 use strata_snapshotter::content::ContentStore;
@@ -243,7 +242,7 @@ impl<'a> ImportingCache<'a> {
                 let errors = &errors;
                 s.spawn(move || {
                     for l in chunk {
-                        match self.fetch(import, content, l) {
+                        match fetch_blob(self.client, import, content, l) {
                             Ok(()) => self.note(|r| {
                                 r.blobs_fetched += 1;
                                 r.bytes_fetched += l.size;
@@ -273,41 +272,168 @@ impl<'a> ImportingCache<'a> {
             )
             .map_err(Error::Store)
     }
+}
 
-    fn fetch(&self, import: &ImportedCache, content: &ContentStore, l: &LayerBlob) -> Result<()> {
-        let mut writer = content
-            .writer()
-            .map_err(|e| Error::content("open content writer", e))?;
-        match &import.source {
-            CacheFrom::Registry(r) => {
-                self.client
-                    .fetch_blob(r, &l.digest, &mut writer)
-                    .map_err(|e| {
-                        Error::registry(format!("fetch cache layer {} of {r}", l.digest), e)
-                    })?;
+/// Fetches one blob of an imported cache into the content store, verified.
+fn fetch_blob(
+    client: &Client,
+    import: &ImportedCache,
+    content: &ContentStore,
+    l: &LayerBlob,
+) -> Result<()> {
+    let mut writer = content
+        .writer()
+        .map_err(|e| Error::content("open content writer", e))?;
+    match &import.source {
+        CacheFrom::Registry(r) => {
+            client.fetch_blob(r, &l.digest, &mut writer).map_err(|e| {
+                Error::registry(format!("fetch cache layer {} of {r}", l.digest), e)
+            })?;
+        }
+        CacheFrom::Local(dir) => {
+            let path: PathBuf = dir.join("blobs/sha256").join(l.digest.hex());
+            let mut f = std::fs::File::open(&path)
+                .map_err(|e| Error::io(format!("open cache layer {}", path.display()), e))?;
+            std::io::copy(&mut f, &mut writer)
+                .map_err(|e| Error::io(format!("copy cache layer {}", path.display()), e))?;
+        }
+    }
+    // Committing under the expected digest verifies the bytes.
+    writer
+        .commit(Some(&l.digest))
+        .map_err(|e| Error::content(format!("store cache layer {}", l.digest), e))?;
+    Ok(())
+}
+
+/// The real worker, restoring imported `RUN --mount=type=cache` contents just before the
+/// first step that uses a mount this store lacks runs (a fully cached build downloads no
+/// cache mount).
+pub struct MountRestoringWorker<'a> {
+    inner: &'a RealWorker,
+    client: &'a Client,
+    imports: &'a [ImportedCache],
+    /// `<store>/cache-mounts`.
+    root: PathBuf,
+    progress: &'a dyn Progress,
+    /// Ids already looked at; the lock also keeps two steps from restoring one at once.
+    done: Mutex<std::collections::HashSet<String>>,
+}
+
+impl<'a> MountRestoringWorker<'a> {
+    pub fn new(
+        inner: &'a RealWorker,
+        client: &'a Client,
+        imports: &'a [ImportedCache],
+        root: PathBuf,
+        progress: &'a dyn Progress,
+    ) -> Self {
+        MountRestoringWorker {
+            inner,
+            client,
+            imports,
+            root,
+            progress,
+            done: Mutex::new(std::collections::HashSet::new()),
+        }
+    }
+
+    fn restore(&self, id: &str) -> Result<()> {
+        let dir = crate::describe::cache_mount_dir(&self.root, id);
+        if dir.exists() {
+            return Ok(());
+        }
+        let Some((import, blob)) = self
+            .imports
+            .iter()
+            .find_map(|i| i.description.mounts.get(id).map(|b| (i, b)))
+        else {
+            return Ok(());
+        };
+        let content: &ContentStore = &self.inner.content;
+        if !content.exists(&blob.digest) {
+            fetch_blob(self.client, import, content, blob)?;
+        }
+        let base = dir
+            .parent()
+            .ok_or_else(|| Error::Invalid(format!("cache mount dir {}", dir.display())))?;
+        std::fs::create_dir_all(base)
+            .map_err(|e| Error::io(format!("create cache mount {id}"), e))?;
+        // Extracted beside it and renamed in: a step never sees half a cache.
+        let tmp = base.join(format!("restore-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&tmp);
+        let applied = (|| {
+            std::fs::create_dir(&tmp).map_err(|e| Error::io("create restore dir", e))?;
+            let file = content
+                .open_blob(&blob.digest)
+                .map_err(|e| Error::content(format!("open cache mount blob {}", blob.digest), e))?;
+            let applied =
+                strata_snapshotter::layer::apply_layer(std::io::BufReader::new(file), &tmp)
+                    .map_err(|e| Error::content(format!("extract cache mount {id}"), e))?;
+            if applied.diff_id != blob.diff_id {
+                return Err(Error::Invalid(format!(
+                    "cache mount {id}: diff id {} is not the described {}",
+                    applied.diff_id, blob.diff_id
+                )));
             }
-            CacheFrom::Local(dir) => {
-                let path: PathBuf = dir.join("blobs/sha256").join(l.digest.hex());
-                let mut f = std::fs::File::open(&path)
-                    .map_err(|e| Error::io(format!("open cache layer {}", path.display()), e))?;
-                let mut buf = vec![0u8; 256 * 1024];
-                loop {
-                    let n = f.read(&mut buf).map_err(|e| {
-                        Error::io(format!("read cache layer {}", path.display()), e)
-                    })?;
-                    if n == 0 {
-                        break;
+            std::fs::rename(&tmp, &dir)
+                .map_err(|e| Error::io(format!("restore cache mount {id}"), e))
+        })();
+        if applied.is_err() {
+            let _ = std::fs::remove_dir_all(&tmp);
+        }
+        applied?;
+        self.progress.event(ProgressEvent::Info {
+            message: format!("#restored cache mount {id} from {}", import.name()),
+        });
+        Ok(())
+    }
+}
+
+impl Worker for MountRestoringWorker<'_> {
+    fn content_key(
+        &self,
+        node: &Node,
+        local_inputs: &[Option<&Ref>],
+    ) -> Result<Option<[u8; 32]>, String> {
+        self.inner.content_key(node, local_inputs)
+    }
+
+    fn immediate(&self, node: &Node) -> Option<Ref> {
+        self.inner.immediate(node)
+    }
+
+    fn exec(
+        &self,
+        node: &Node,
+        meta: &NodeMeta,
+        key: &CacheKey,
+        inputs: &[Ref],
+        progress: &dyn Progress,
+    ) -> Result<Ref, String> {
+        if let Op::Exec(exec) = &node.op {
+            for m in &exec.mounts {
+                let ExecMountKind::Cache { id, .. } = &m.kind else {
+                    continue;
+                };
+                let mut done = self.done.lock().unwrap_or_else(|p| p.into_inner());
+                if done.insert(id.clone()) {
+                    // A cache mount is only a speed-up: a failed restore is a warning.
+                    if let Err(e) = self.restore(id) {
+                        progress.event(ProgressEvent::Info {
+                            message: format!(
+                                "WARNING: restore cache mount {id}: {}",
+                                crate::error_chain(&e)
+                            ),
+                        });
                     }
-                    std::io::Write::write_all(&mut writer, &buf[..n])
-                        .map_err(|e| Error::io("write cache layer into the content store", e))?;
                 }
             }
         }
-        // Committing under the expected digest verifies the bytes.
-        writer
-            .commit(Some(&l.digest))
-            .map_err(|e| Error::content(format!("store cache layer {}", l.digest), e))?;
-        Ok(())
+        self.inner.exec(node, meta, key, inputs, progress)
+    }
+
+    fn exists(&self, r: &Ref) -> bool {
+        self.inner.exists(r)
     }
 }
 

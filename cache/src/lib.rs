@@ -26,9 +26,14 @@ mod export;
 mod import;
 mod spec;
 
-pub use describe::{describe, select, CacheDescription, CONFIG_MEDIA_TYPE, INLINE_CONFIG_FIELD};
+pub use describe::{
+    cache_mount_dir, cache_mount_ids, describe, select, CacheDescription, CONFIG_MEDIA_TYPE,
+    INLINE_CONFIG_FIELD,
+};
 pub use export::{push_registry, write_local, ExportReport, ARTIFACT_TYPE};
-pub use import::{fetch_description, ImportReport, ImportedCache, ImportingCache};
+pub use import::{
+    fetch_description, ImportReport, ImportedCache, ImportingCache, MountRestoringWorker,
+};
 pub use spec::{parse_cache_from, parse_cache_to, CacheFrom, CacheTo, ExportTarget, Mode};
 
 /// Errors of this crate. Messages are lowercase and name the failed action.

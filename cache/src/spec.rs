@@ -32,6 +32,8 @@ pub enum ExportTarget {
 pub struct CacheTo {
     pub target: ExportTarget,
     pub mode: Mode,
+    /// Also export the contents of the build's `RUN --mount=type=cache` mounts.
+    pub cache_mounts: bool,
     /// For layers that have no blob yet (intermediate steps); the final image's layers
     /// keep the blobs the image export made.
     pub compression: Compression,
@@ -111,11 +113,15 @@ pub fn parse_cache_to(spec: &str) -> Result<CacheTo> {
             .map_err(|e| Error::InvalidSpec(format!("compression: {e}")))?,
         None => Compression::default(),
     };
-    if f.get("cache-mounts").is_some_and(|v| v == "true") {
-        return Err(Error::InvalidSpec(
-            "cache-mounts=true is not supported yet".into(),
-        ));
-    }
+    let cache_mounts = match f.get("cache-mounts").map(String::as_str) {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(other) => {
+            return Err(Error::InvalidSpec(format!(
+                "cache-mounts {other:?} (want true or false)"
+            )))
+        }
+    };
     let common = [
         "type",
         "mode",
@@ -134,9 +140,9 @@ pub fn parse_cache_to(spec: &str) -> Result<CacheTo> {
         }
         Some("inline") => {
             refuse_unknown(&f, &common, spec)?;
-            if mode == Mode::Max {
+            if mode == Mode::Max || cache_mounts {
                 return Err(Error::InvalidSpec(
-                    "type=inline holds the final image's layers only: mode=max needs type=registry or type=local".into(),
+                    "type=inline holds the final image's layers only: mode=max and cache-mounts=true need type=registry or type=local".into(),
                 ));
             }
             ExportTarget::Inline
@@ -151,6 +157,7 @@ pub fn parse_cache_to(spec: &str) -> Result<CacheTo> {
     Ok(CacheTo {
         target,
         mode,
+        cache_mounts,
         compression,
     })
 }
@@ -200,6 +207,12 @@ mod tests {
         let l = parse_cache_to("type=local,dest=/tmp/x").unwrap();
         assert_eq!(l.target, ExportTarget::Local("/tmp/x".into()));
         assert_eq!(l.mode, Mode::Min);
+        assert!(!l.cache_mounts);
+        assert!(
+            parse_cache_to("type=local,dest=/tmp/x,cache-mounts=true")
+                .unwrap()
+                .cache_mounts
+        );
         assert_eq!(
             parse_cache_to("type=inline").unwrap().target,
             ExportTarget::Inline
@@ -219,6 +232,8 @@ mod tests {
         assert!(e("type=registry,ref=a/b,mode=all").contains("mode \"all\""));
         assert!(e("type=registry,ref=a/b,compression=lz4").contains("compression"));
         assert!(e("type=inline,mode=max").contains("mode=max"));
+        assert!(e("type=inline,cache-mounts=true").contains("cache-mounts=true need"));
+        assert!(e("type=local,dest=x,cache-mounts=yes").contains("cache-mounts \"yes\""));
         assert!(e("type=local,dest=x,src=y").contains("unknown key \"src\""));
     }
 

@@ -274,3 +274,54 @@ fn inline_cache_in_a_pushed_image_serves_the_next_runner() {
     assert_eq!(executed_steps(&log), Vec::<String>::new(), "{log}");
     assert_eq!(manifest_digest(&meta_b), manifest_digest(&meta_a));
 }
+
+#[test]
+fn cache_mount_contents_travel_to_the_next_runner() {
+    // The RUN's key changes with V, so runner B runs it; its cache mount starts with what
+    // runner A left there only if the mount came through the cache.
+    let dockerfile = format!(
+        "FROM {}/busybox:latest\nARG V\nRUN --mount=type=cache,id=strata-e2e-runs,target=/cache \
+         echo \"run $V\" >> /cache/runs && cp /cache/runs /runs\n",
+        registry()
+    );
+    let dir = tempfile::Builder::new()
+        .prefix("strata-e2e-cache-")
+        .tempdir()
+        .unwrap();
+    let cache = dir.path().join("cache");
+    let a = TestEnv::new();
+    let ctx_a = a.path("ctx");
+    std::fs::create_dir_all(&ctx_a).unwrap();
+    std::fs::write(ctx_a.join("Dockerfile"), &dockerfile).unwrap();
+    let a_log = a.build_ok(&[
+        "--build-arg",
+        "V=1",
+        "--cache-to",
+        &format!("type=local,dest={},cache-mounts=true", cache.display()),
+        ctx_a.to_str().unwrap(),
+    ]);
+    assert!(a_log.contains(", 1 cache mounts,"), "{a_log}");
+
+    let b = TestEnv::new();
+    let ctx_b = b.path("ctx");
+    std::fs::create_dir_all(&ctx_b).unwrap();
+    std::fs::write(ctx_b.join("Dockerfile"), &dockerfile).unwrap();
+    let out = b.path("rootfs");
+    let b_log = b.build_ok(&[
+        "--build-arg",
+        "V=2",
+        "--cache-from",
+        &format!("type=local,src={}", cache.display()),
+        "--output",
+        &format!("type=local,dest={}", out.display()),
+        ctx_b.to_str().unwrap(),
+    ]);
+    assert!(
+        b_log.contains("#restored cache mount strata-e2e-runs"),
+        "{b_log}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(out.join("runs")).unwrap(),
+        "run 1\nrun 2\n"
+    );
+}

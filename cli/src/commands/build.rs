@@ -237,7 +237,14 @@ pub fn run(cli: &Cli, args: &BuildArgs) -> Result<i32> {
         &progress,
         imports,
     );
-    let solver = Solver::new(&worker, &cache, &progress, parallelism, &CANCELLED);
+    let restoring = strata_cache::MountRestoringWorker::new(
+        &worker,
+        &worker.registry,
+        cache.imported(),
+        store.cache_mounts_dir(),
+        &progress,
+    );
+    let solver = Solver::new(&restoring, &cache, &progress, parallelism, &CANCELLED);
     let solved = solver.solve(&plan.definition);
     let _ = stat_cache.save();
     let imported = cache.report();
@@ -289,6 +296,7 @@ pub fn run(cli: &Cli, args: &BuildArgs) -> Result<i32> {
         records: build_cache::exportable_records(&store, &worker, &report),
         result: &result,
         source_date_epoch: epoch,
+        cache_mount_ids: strata_cache::cache_mount_ids(&plan.definition),
     };
     super::outputs::write_outputs(
         cli,

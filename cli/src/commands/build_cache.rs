@@ -108,6 +108,8 @@ pub struct Solved<'a> {
     pub records: Vec<(CacheKey, Ref)>,
     pub result: &'a Ref,
     pub source_date_epoch: Option<i64>,
+    /// The `RUN --mount=type=cache` ids of the build (for `cache-mounts=true`).
+    pub cache_mount_ids: Vec<String>,
 }
 
 /// Writes every `--cache-to` but `inline` (which the image export embeds).
@@ -136,9 +138,10 @@ pub fn export_caches(
         };
         progress.event(ProgressEvent::Info {
             message: format!(
-                "#exporting cache to {name}: {} records, {} layers, wrote {} blobs ({} bytes), {} already there, manifest {}",
+                "#exporting cache to {name}: {} records, {} layers, {} cache mounts, wrote {} blobs ({} bytes), {} already there, manifest {}",
                 report.records,
                 report.layers,
+                report.mounts,
                 report.written_blobs,
                 report.written_bytes,
                 report.existing_blobs,
@@ -199,5 +202,15 @@ pub fn describe(solved: &Solved<'_>, spec: &CacheTo) -> Result<strata_cache::Cac
     let others: Vec<&strata_cache::CacheDescription> =
         solved.imported.iter().map(|i| &i.description).collect();
     desc.carry_over(&others, &store.content, within.as_deref());
+    if spec.cache_mounts {
+        desc.add_cache_mounts(
+            &store.cache_mounts_dir(),
+            &solved.cache_mount_ids,
+            &store.content,
+            &spec.compression,
+            epoch,
+        )
+        .context("export cache mounts")?;
+    }
     Ok(desc)
 }
