@@ -726,3 +726,16 @@ fn insecure_registries_come_from_the_config_file() {
         .unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
 }
+
+#[test]
+fn load_without_a_name_keeps_the_image_unnamed() {
+    let env = TestEnv::new();
+    let ctx = context(&env);
+    let iid = env.path("iid");
+    env.build_ok(&["--load", "--iidfile", &s(&iid), &s(&ctx)]);
+    assert!(std::fs::read_to_string(&iid)
+        .unwrap()
+        .starts_with("sha256:"));
+    let out = run_ok(env.strata().arg("images"));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 1);
+}

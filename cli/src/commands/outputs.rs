@@ -611,7 +611,10 @@ fn write_image(
         let images = ImageStore::open(&store.images_dir())?;
         let now = chrono::Utc::now().timestamp();
         if names.is_empty() {
-            images.tag(&format!("<none>@{}", r.config_digest), r, now)?;
+            // Like a dangling image in docker: stored, named by nothing but its ID.
+            progress.event(ProgressEvent::Info {
+                message: format!("writing image {} (no name given)", r.config_digest),
+            });
         }
         for n in names {
             images.tag(n, r, now)?;
