@@ -258,22 +258,27 @@ impl MountContext<'_> {
     ) -> Result<PathBuf, String> {
         let mounts: Vec<Mount> = match inputs.get(i as usize) {
             None => return Err(format!("mount reads missing input {i}")),
-            Some(Ref::Local(dir)) if self.ignore.is_some() => {
-                // A private filtered copy (writes to it are discarded with it).
-                let copy = self.new_dir("context", p)?;
-                p.trees.push(copy.clone());
-                copy_tree(dir, "/", &copy, self.ignore, true)
-                    .map_err(|e| format!("copy build context for mount: {e}"))?;
-                return Ok(copy);
-            }
-            Some(Ref::Local(dir)) if !writable => return Ok(dir.clone()),
+            Some(Ref::Local(dir)) if !writable && self.ignore.is_none() => return Ok(dir.clone()),
             Some(Ref::Local(dir)) => {
+                // An overlay on the context: its upper dir takes the writes (discarded with
+                // it) and hides `.dockerignore`d entries behind whiteouts, so nothing is
+                // copied.
                 let scratch = self.new_dir("rw", p)?;
                 let (upper, work) = (scratch.join("upper"), scratch.join("work"));
                 for d in [&upper, &work] {
                     fs::create_dir(d).map_err(|e| format!("create {}: {e}", d.display()))?;
                 }
                 p.trees.push(scratch);
+                let mut made = vec![PathBuf::new()];
+                if let Some(m) = self.ignore {
+                    whiteout_ignored(dir, &upper, "", m, &mut made)
+                        .map_err(|e| format!("filter build context for mount: {e}"))?;
+                }
+                // Last, deepest first: creating entries in them changed their times.
+                for rel in made.iter().rev() {
+                    copy_dir_meta(&dir.join(rel), &upper.join(rel))
+                        .map_err(|e| format!("prepare context mount: {e}"))?;
+                }
                 vec![Mount {
                     kind: "overlay".into(),
                     source: "overlay".into(),
@@ -376,7 +381,7 @@ impl MountContext<'_> {
                 .map_err(|e| format!("create cache mount {id}: {e}"))?;
             let made = (|| {
                 if let Some((root, source)) = &seed {
-                    copy_tree(root, source, &tmp, None, false)
+                    copy_tree(root, source, &tmp)
                         .map_err(|e| format!("seed cache mount {id}: {e}"))?;
                 }
                 nix::unistd::chown(
@@ -439,6 +444,84 @@ impl MountContext<'_> {
     }
 }
 
+/// Hides the entries of `ctx` (below `rel`) that `.dockerignore` excludes by whiteouts in
+/// `upper`; excluded directories that may hold re-included entries are entered instead.
+fn whiteout_ignored(
+    ctx: &Path,
+    upper: &Path,
+    rel: &str,
+    m: &PatternMatcher,
+    made: &mut Vec<PathBuf>,
+) -> std::io::Result<()> {
+    let dir = ctx.join(rel);
+    let mut entries: Vec<_> = fs::read_dir(&dir)?.collect::<Result<_, _>>()?;
+    entries.sort_by_key(|e| e.file_name());
+    for entry in entries {
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else {
+            continue;
+        };
+        let child = if rel.is_empty() {
+            name.to_string()
+        } else {
+            format!("{rel}/{name}")
+        };
+        let is_dir = entry.file_type()?.is_dir();
+        let ignored = m.matches_or_parent_matches(&child);
+        if ignored && !(is_dir && m.may_match_below(&child)) {
+            ensure_upper_parent(upper, rel, made)?;
+            // An overlay whiteout: a 0/0 character device.
+            nix::sys::stat::mknod(
+                &upper.join(&child),
+                nix::sys::stat::SFlag::S_IFCHR,
+                nix::sys::stat::Mode::empty(),
+                0,
+            )
+            .map_err(std::io::Error::from)?;
+        } else if is_dir {
+            whiteout_ignored(ctx, upper, &child, m, made)?;
+        }
+    }
+    Ok(())
+}
+
+/// Creates `rel` and its parents in `upper`, recording them in `made` (parents first) so
+/// that they get the context directories' owner, mode and times once filled.
+fn ensure_upper_parent(upper: &Path, rel: &str, made: &mut Vec<PathBuf>) -> std::io::Result<()> {
+    if rel.is_empty() {
+        return Ok(());
+    }
+    let mut sofar = PathBuf::new();
+    for part in rel.split('/') {
+        sofar.push(part);
+        let target = upper.join(&sofar);
+        if fs::symlink_metadata(&target).is_ok() {
+            continue;
+        }
+        fs::create_dir(&target)?;
+        made.push(sofar.clone());
+    }
+    Ok(())
+}
+
+/// Gives `dst` the owner, mode and times of `src`.
+fn copy_dir_meta(src: &Path, dst: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = fs::symlink_metadata(src)?;
+    std::os::unix::fs::lchown(dst, Some(meta.uid()), Some(meta.gid()))?;
+    fs::set_permissions(dst, fs::Permissions::from_mode(meta.mode() & 0o7777))?;
+    let atime = nix::sys::time::TimeSpec::new(meta.atime(), meta.atime_nsec());
+    let mtime = nix::sys::time::TimeSpec::new(meta.mtime(), meta.mtime_nsec());
+    nix::sys::stat::utimensat(
+        None,
+        dst,
+        &atime,
+        &mtime,
+        nix::sys::stat::UtimensatFlags::NoFollowSymlink,
+    )
+    .map_err(std::io::Error::from)
+}
+
 /// Name prefix of the per-step secret directories (`<prefix>-<pid>-...`).
 const SECRET_PREFIX: &str = "strata-secret";
 
@@ -480,13 +563,7 @@ pub fn clean_stale_secrets() -> usize {
 }
 
 /// Copies `source` of `root` (its content, when a directory) into the directory `dest`.
-fn copy_tree(
-    root: &Path,
-    source: &str,
-    dest: &Path,
-    ignore: Option<&PatternMatcher>,
-    is_context: bool,
-) -> Result<(), String> {
+fn copy_tree(root: &Path, source: &str, dest: &Path) -> Result<(), String> {
     let src = if source.is_empty() { "/" } else { source };
     let op = FileOp {
         base_input: None,
@@ -507,8 +584,8 @@ fn copy_tree(
     };
     let sources = [Some(SourceRoot {
         path: root,
-        ignore,
-        is_context,
+        ignore: None,
+        is_context: false,
     })];
     apply_file_op(dest, &op, &sources).map_err(|e| e.to_string())
 }
@@ -740,6 +817,37 @@ mod tests {
         drop(p);
         assert!(!file.exists());
         assert!(!file.parent().unwrap().exists());
+    }
+
+    #[test]
+    fn ignored_context_entries_become_whiteouts() {
+        use std::os::unix::fs::{FileTypeExt, MetadataExt};
+        let ctx = tempfile::tempdir().unwrap();
+        let upper = tempfile::tempdir().unwrap();
+        fs::create_dir_all(ctx.path().join("files/sub")).unwrap();
+        fs::create_dir_all(ctx.path().join("node_modules/x")).unwrap();
+        for f in ["files/f1", "files/f10", "files/f2", "files/sub/f1", "keep"] {
+            fs::write(ctx.path().join(f), f).unwrap();
+        }
+        let m = PatternMatcher::new(&[
+            "node_modules".to_string(),
+            "files/f1*".to_string(),
+            "!files/f10".to_string(),
+        ])
+        .unwrap();
+        let mut made = vec![PathBuf::new()];
+        whiteout_ignored(ctx.path(), upper.path(), "", &m, &mut made).unwrap();
+        let is_whiteout = |rel: &str| {
+            fs::symlink_metadata(upper.path().join(rel))
+                .map(|md| md.file_type().is_char_device() && md.rdev() == 0)
+                .unwrap_or(false)
+        };
+        assert!(is_whiteout("node_modules"));
+        assert!(is_whiteout("files/f1"));
+        for kept in ["files/f10", "files/f2", "files/sub", "keep"] {
+            assert!(!upper.path().join(kept).exists(), "{kept}");
+        }
+        assert_eq!(made, vec![PathBuf::new(), PathBuf::from("files")]);
     }
 
     #[test]
