@@ -226,7 +226,10 @@ mod tests {
         let mut i = 0u64;
         while v.len() < n {
             v.extend_from_slice(format!("{i}\n").as_bytes());
-            i = i.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407) % 100_000;
+            i = i
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407)
+                % 100_000;
         }
         v.truncate(n);
         v
