@@ -9,5 +9,10 @@ fn main() {
     {
         strata_sandbox::init_main();
     }
+    // Die quietly on a closed pipe (`strata du | head`), like other Unix tools, instead of
+    // panicking in println!.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     std::process::exit(strata::run());
 }
