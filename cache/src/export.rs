@@ -31,6 +31,8 @@ pub struct ExportReport {
     pub written_bytes: u64,
     /// Blobs the destination had already.
     pub existing_blobs: usize,
+    /// Blobs a registry linked from another repository instead of receiving them.
+    pub mounted_blobs: usize,
 }
 
 /// The artifact manifest for a description whose bytes are `config`.
@@ -76,7 +78,8 @@ pub fn push_registry(
     let config = desc.to_json()?;
     let manifest = manifest(desc, &config)?;
     let blobs = desc.blobs();
-    let sent: Mutex<(usize, u64, usize)> = Mutex::new((0, 0, 0));
+    // (blobs written, bytes written, blobs already there, blobs mounted)
+    let sent: Mutex<(usize, u64, usize, usize)> = Mutex::new((0, 0, 0, 0));
     let first_error: Mutex<Option<Error>> = Mutex::new(None);
     let next = AtomicUsize::new(0);
     let failed = AtomicBool::new(false);
@@ -95,14 +98,16 @@ pub fn push_registry(
                         .map_err(std::io::Error::other)?;
                     Ok(Box::new(BufReader::new(f)))
                 };
-                match client.push_blob(reference, &layer.digest, layer.size, &mut open) {
-                    Ok(uploaded) => {
+                match send_blob(client, content, reference, layer, &mut open) {
+                    Ok(how) => {
                         let mut s = lock(&sent);
-                        if uploaded {
-                            s.0 += 1;
-                            s.1 += layer.size;
-                        } else {
-                            s.2 += 1;
+                        match how {
+                            Sent::Uploaded => {
+                                s.0 += 1;
+                                s.1 += layer.size;
+                            }
+                            Sent::Existing => s.2 += 1,
+                            Sent::Mounted => s.3 += 1,
                         }
                     }
                     Err(e) => {
@@ -120,7 +125,7 @@ pub fn push_registry(
     if let Some(e) = lock(&first_error).take() {
         return Err(e);
     }
-    let (mut written_blobs, mut written_bytes, mut existing_blobs) = *lock(&sent);
+    let (mut written_blobs, mut written_bytes, mut existing_blobs, mounted_blobs) = *lock(&sent);
 
     let config_digest = Digest::of(&config);
     let mut open =
@@ -147,7 +152,55 @@ pub fn push_registry(
         written_blobs,
         written_bytes,
         existing_blobs,
+        mounted_blobs,
     })
+}
+
+enum Sent {
+    Uploaded,
+    Existing,
+    Mounted,
+}
+
+/// Puts one blob into the reference's repository: nothing when it is there, a
+/// cross-repository mount when it came from another repository of the same registry (a
+/// base image layer, or a layer imported from another cache), else an upload.
+fn send_blob(
+    client: &Client,
+    content: &ContentStore,
+    reference: &Reference,
+    layer: &strata_exporter::LayerBlob,
+    open: &mut dyn FnMut() -> std::io::Result<Box<dyn Read>>,
+) -> Result<Sent, strata_registry::Error> {
+    if client.blob_exists(reference, &layer.digest)? {
+        return Ok(Sent::Existing);
+    }
+    let prefix = format!("{}/", reference.registry);
+    for source in strata_exporter::blob_sources(content, &layer.digest)
+        .iter()
+        .rev()
+    {
+        let Some(repo) = source.strip_prefix(&prefix) else {
+            continue;
+        };
+        // A failed mount is only a missed shortcut: the upload below still happens.
+        if repo != reference.repository
+            && client
+                .mount_blob(reference, &layer.digest, repo)
+                .unwrap_or(false)
+        {
+            return Ok(Sent::Mounted);
+        }
+    }
+    client
+        .push_blob(reference, &layer.digest, layer.size, open)
+        .map(|uploaded| {
+            if uploaded {
+                Sent::Uploaded
+            } else {
+                Sent::Existing
+            }
+        })
 }
 
 /// Writes `bytes` to `path` through a temporary file and a rename, so a reader (or a
@@ -200,6 +253,7 @@ pub fn write_local(
         written_blobs: 0,
         written_bytes: 0,
         existing_blobs: 0,
+        mounted_blobs: 0,
     };
     let mut note = |written: bool, size: u64| {
         if written {

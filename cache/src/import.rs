@@ -289,6 +289,9 @@ fn fetch_blob(
             client.fetch_blob(r, &l.digest, &mut writer).map_err(|e| {
                 Error::registry(format!("fetch cache layer {} of {r}", l.digest), e)
             })?;
+            // Lets a later push to this registry mount the blob instead of uploading it.
+            let _ =
+                strata_exporter::record_blob_source(content, &l.digest, &r.registry, &r.repository);
         }
         CacheFrom::Local(dir) => {
             let path: PathBuf = dir.join("blobs/sha256").join(l.digest.hex());

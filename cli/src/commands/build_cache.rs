@@ -138,13 +138,14 @@ pub fn export_caches(
         };
         progress.event(ProgressEvent::Info {
             message: format!(
-                "#exporting cache to {name}: {} records, {} layers, {} cache mounts, wrote {} blobs ({} bytes), {} already there, manifest {}",
+                "#exporting cache to {name}: {} records, {} layers, {} cache mounts, wrote {} blobs ({} bytes), {} already there, {} mounted, manifest {}",
                 report.records,
                 report.layers,
                 report.mounts,
                 report.written_blobs,
                 report.written_bytes,
                 report.existing_blobs,
+                report.mounted_blobs,
                 report.manifest_digest
             ),
         });
