@@ -477,6 +477,17 @@ fn prepare_and_exec(exec: &Exec) -> Result<std::convert::Infallible, SetupError>
     // A privileged step keeps what root has (setuid to non-root clears it anyway).
     if !exec.privileged {
         caps::set_caps(if u.uid == 0 { caps::default_mask() } else { 0 })?;
+        // The issue asks for no_new_privs: a step can never gain privileges through a
+        // setuid binary or file capabilities. (BuildKit leaves it off, so `sudo` as a
+        // non-root USER works there and not here; `--security=insecure` steps keep it off.)
+        // SAFETY: prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) takes no pointers.
+        let rc = unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) };
+        if rc != 0 {
+            return Err(SetupError::Message(format!(
+                "set no_new_privs: {}",
+                std::io::Error::last_os_error()
+            )));
+        }
     }
     chdir(&exec.cwd).ctx(|| format!("chdir to {}", exec.cwd.display()))?;
     umask(Mode::from_bits_truncate(0o022));

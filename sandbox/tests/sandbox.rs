@@ -303,6 +303,18 @@ fn capabilities_are_dockers_and_mount_is_denied() {
 }
 
 #[test]
+fn no_new_privs_is_set_except_for_privileged_steps() {
+    let dir = tempfile::tempdir().unwrap();
+    busybox_root(dir.path());
+    let req = request(bind_root(dir.path()), "grep NoNewPrivs /proc/self/status");
+    assert_eq!(run_ok(&req), "NoNewPrivs:\t1\n");
+    let mut req = request(bind_root(dir.path()), "grep NoNewPrivs /proc/self/status");
+    req.process.privileged = true;
+    assert_eq!(run_ok(&req), "NoNewPrivs:\t0\n");
+    assert_no_stubs(dir.path());
+}
+
+#[test]
 fn kernel_files_are_read_only_or_masked() {
     let dir = tempfile::tempdir().unwrap();
     busybox_root(dir.path());
