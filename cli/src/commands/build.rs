@@ -293,7 +293,12 @@ pub fn run(cli: &Cli, args: &BuildArgs) -> Result<i32> {
     let cache_state = build_cache::Solved {
         store: &store,
         imported: cache.imported(),
-        records: build_cache::exportable_records(&store, &worker, &report),
+        // Only looked up when exported: each lookup opens the cache database.
+        records: if cache_opts.to.is_empty() {
+            Vec::new()
+        } else {
+            build_cache::exportable_records(&store, &worker, &report)
+        },
         result: &result,
         source_date_epoch: epoch,
         cache_mount_ids: strata_cache::cache_mount_ids(&plan.definition),
