@@ -91,30 +91,27 @@ impl Drop for KeyLock {
 /// redb-backed [`CacheStore`].
 pub struct DbCache {
     path: PathBuf,
+    /// Threads of this process take turns at the database: waiting here is served at
+    /// once, while redb's own lock (another process) can only be polled.
+    turn: std::sync::Mutex<()>,
 }
 
 impl DbCache {
     pub fn open(path: &Path) -> Result<Self, String> {
-        let cache = DbCache {
+        // Opening a redb database costs several fsyncs, so nothing is opened here: the
+        // first `put` makes the table, and reads before it find none.
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent)
+                .map_err(|e| format!("create {}: {e}", parent.display()))?;
+        }
+        Ok(DbCache {
             path: path.to_path_buf(),
-        };
-        cache.with_db(|db| {
-            // A write transaction costs fsyncs; only a new database needs the table made.
-            let read = db.begin_read().map_err(|e| e.to_string())?;
-            match read.open_table(RESULTS) {
-                Ok(_) => return Ok(()),
-                Err(redb::TableError::TableDoesNotExist(_)) => {}
-                Err(e) => return Err(e.to_string()),
-            }
-            drop(read);
-            let tx = db.begin_write().map_err(|e| e.to_string())?;
-            tx.open_table(RESULTS).map_err(|e| e.to_string())?;
-            tx.commit().map_err(|e| e.to_string())
-        })?;
-        Ok(cache)
+            turn: std::sync::Mutex::new(()),
+        })
     }
 
     fn with_db<T>(&self, f: impl FnOnce(&Database) -> Result<T, String>) -> Result<T, String> {
+        let _turn = self.turn.lock().map_err(|e| e.to_string())?;
         let deadline = Instant::now() + Duration::from_secs(60);
         let mut wait = Duration::from_millis(2);
         loop {
@@ -133,7 +130,9 @@ impl DbCache {
     pub fn entries(&self) -> Result<Vec<(Vec<u8>, String)>, String> {
         self.with_db(|db| {
             let tx = db.begin_read().map_err(|e| e.to_string())?;
-            let table = tx.open_table(RESULTS).map_err(|e| e.to_string())?;
+            let Some(table) = read_table(&tx)? else {
+                return Ok(Vec::new());
+            };
             let mut out = Vec::new();
             for item in table.iter().map_err(|e| e.to_string())? {
                 let (k, v) = item.map_err(|e| e.to_string())?;
@@ -151,6 +150,9 @@ impl DbCache {
             .filter(|(_, v)| !keep(v))
             .map(|(k, _)| k)
             .collect();
+        if doomed.is_empty() {
+            return Ok(0);
+        }
         self.with_db(|db| {
             let tx = db.begin_write().map_err(|e| e.to_string())?;
             {
@@ -162,6 +164,17 @@ impl DbCache {
             tx.commit().map_err(|e| e.to_string())
         })?;
         Ok(doomed.len())
+    }
+}
+
+/// The results table, or `None` before the first record made it.
+fn read_table(
+    tx: &redb::ReadTransaction,
+) -> Result<Option<redb::ReadOnlyTable<&'static [u8], &'static str>>, String> {
+    match tx.open_table(RESULTS) {
+        Ok(t) => Ok(Some(t)),
+        Err(redb::TableError::TableDoesNotExist(_)) => Ok(None),
+        Err(e) => Err(e.to_string()),
     }
 }
 
@@ -188,7 +201,9 @@ impl CacheStore for DbCache {
     fn get(&self, key: &CacheKey) -> Result<Option<Ref>, String> {
         self.with_db(|db| {
             let tx = db.begin_read().map_err(|e| e.to_string())?;
-            let table = tx.open_table(RESULTS).map_err(|e| e.to_string())?;
+            let Some(table) = read_table(&tx)? else {
+                return Ok(None);
+            };
             let v = table.get(key.0.as_slice()).map_err(|e| e.to_string())?;
             Ok(v.and_then(|v| decode(v.value())))
         })
@@ -249,6 +264,18 @@ mod tests {
             .put(&key, &Ref::Snapshot("s1".into()))
             .unwrap();
         let again = DbCache::open(&path).unwrap();
+        assert_eq!(
+            DbCache::open(&dir.path().join("new.redb"))
+                .unwrap()
+                .get(&key)
+                .unwrap(),
+            None
+        );
+        assert!(DbCache::open(&dir.path().join("new2.redb"))
+            .unwrap()
+            .entries()
+            .unwrap()
+            .is_empty());
         assert_eq!(again.get(&key).unwrap(), Some(Ref::Snapshot("s1".into())));
         assert_eq!(again.get(&CacheKey([8; 32])).unwrap(), None);
         assert_eq!(again.retain(&|name| name != "snapshot:s1").unwrap(), 1);
