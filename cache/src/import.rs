@@ -188,6 +188,9 @@ pub struct ImportingCache<'a> {
     progress: &'a dyn Progress,
     imports: Vec<ImportedCache>,
     report: Mutex<ImportReport>,
+    /// Keys whose import failed: the solver asks again before running the step, and the
+    /// answer (and the warning) would be the same.
+    failed: Mutex<std::collections::HashSet<CacheKey>>,
 }
 
 impl<'a> ImportingCache<'a> {
@@ -205,6 +208,7 @@ impl<'a> ImportingCache<'a> {
             progress,
             imports,
             report: Mutex::new(ImportReport::default()),
+            failed: Mutex::new(std::collections::HashSet::new()),
         }
     }
 
@@ -447,6 +451,14 @@ impl CacheStore for ImportingCache<'_> {
                 return Ok(Some(r));
             }
         }
+        if self
+            .failed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(key)
+        {
+            return Ok(None);
+        }
         for import in &self.imports {
             let Some(chain) = import.description.chain(key) else {
                 continue;
@@ -471,6 +483,16 @@ impl CacheStore for ImportingCache<'_> {
                     self.note(|rep| rep.failures.push(message));
                 }
             }
+        }
+        if self
+            .imports
+            .iter()
+            .any(|i| i.description.records.contains_key(&key.hex()))
+        {
+            self.failed
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(*key);
         }
         Ok(None)
     }

@@ -325,3 +325,78 @@ fn cache_mount_contents_travel_to_the_next_runner() {
         "run 1\nrun 2\n"
     );
 }
+
+#[test]
+fn a_tampered_cache_layer_is_refused_and_its_step_runs() {
+    let dir = tempfile::Builder::new()
+        .prefix("strata-e2e-cache-")
+        .tempdir()
+        .unwrap();
+    let cache = dir.path().join("cache");
+    let a = TestEnv::new();
+    let ctx_a = a.copy_context(&context(), "ctx");
+    a.build_ok(&[
+        "--build-arg",
+        EPOCH_ARG,
+        "--cache-to",
+        &format!("type=local,dest={},mode=max", cache.display()),
+        ctx_a.to_str().unwrap(),
+    ]);
+    // The top layer of the final image's chain (the longest record) gets other bytes.
+    let blob = |d: &str| {
+        cache
+            .join("blobs/sha256")
+            .join(d.trim_start_matches("sha256:"))
+    };
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(cache.join("index.json")).unwrap()).unwrap();
+    let manifest: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(blob(index["manifests"][0]["digest"].as_str().unwrap())).unwrap(),
+    )
+    .unwrap();
+    let desc: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(blob(manifest["config"]["digest"].as_str().unwrap())).unwrap(),
+    )
+    .unwrap();
+    let longest = desc["records"]
+        .as_object()
+        .unwrap()
+        .values()
+        .max_by_key(|c| c.as_array().unwrap().len())
+        .unwrap();
+    let top = longest
+        .as_array()
+        .unwrap()
+        .last()
+        .unwrap()
+        .as_u64()
+        .unwrap() as usize;
+    let top_digest = desc["layers"][top]["digest"].as_str().unwrap().to_string();
+    let path = blob(&top_digest);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    std::fs::write(&path, bytes).unwrap();
+
+    let b = TestEnv::new();
+    let ctx_b = b.copy_context(&context(), "ctx");
+    let log = b.build_ok(&[
+        "--build-arg",
+        EPOCH_ARG,
+        "--cache-from",
+        &format!("type=local,src={}", cache.display()),
+        ctx_b.to_str().unwrap(),
+    ]);
+    assert!(log.contains("WARNING: import cache record"), "{log}");
+    assert!(log.contains(&top_digest), "{log}");
+    // The step whose layer was refused runs; the one below it is still an imported hit.
+    let ran = executed_steps(&log);
+    assert_eq!(ran.len(), 1, "{ran:?}");
+    assert!(ran[0].contains("RUN cat /app/app.txt"), "{ran:?}");
+    assert!(
+        cached_steps(&log)
+            .iter()
+            .any(|s| s.contains("COPY app.txt")),
+        "{log}"
+    );
+}
