@@ -64,6 +64,9 @@ pub struct BuildPlan {
     /// Proxy build args (`HTTP_PROXY`, `no_proxy`, ...): the worker adds them to every
     /// RUN without their being declared, outside the definition, as BuildKit does.
     pub proxy_env: Vec<(String, String)>,
+    /// `# check=error=true` (or `BUILDKIT_DOCKERFILE_CHECK`) with warnings: the build must
+    /// fail after printing them, with BuildKit's `lint violation found for rules: ...`.
+    pub lint_error: Option<String>,
 }
 
 /// A build check warning (BuildKit's lint rules); printed, never fatal.
@@ -141,11 +144,29 @@ pub fn convert(
     for (k, v) in &opts.build_args {
         set_pair(&mut lint_env, k, v.clone());
     }
+    // BuildKit reads the check options from the build arg first, then the directive.
+    let check_options = match opts.build_args.get("BUILDKIT_DOCKERFILE_CHECK") {
+        Some(v) => v.clone(),
+        None => parsed
+            .directives
+            .iter()
+            .find(|(k, _)| k == "check")
+            .map(|(_, v)| v.split(' ').next().unwrap_or_default().to_string())
+            .unwrap_or_default(),
+    };
+    let check = crate::lint::CheckConfig::parse(&check_options)
+        .map_err(|e| ConvertError::bare(format!("failed to parse check options: {e}")))?;
     let mut warnings = crate::lint::check(&parsed, &dockerfile, &lint_env);
     let mut converter = Converter::new(&dockerfile, opts, resolver, parsed.escape)?;
     let plan = converter.run()?;
     warnings.append(&mut converter.warnings);
-    Ok(BuildPlan { warnings, ..plan })
+    warnings.retain(|w| !check.skips(&w.rule));
+    let lint_error = check.error_for(&warnings);
+    Ok(BuildPlan {
+        warnings,
+        lint_error,
+        ..plan
+    })
 }
 
 /// An `ARG` as declared in a stage, with its resolved value.
@@ -561,6 +582,7 @@ impl<'a> Converter<'a> {
             image: state.image,
             warnings: Vec::new(),
             unused_build_args: unused,
+            lint_error: None,
             proxy_env: self
                 .opts
                 .build_args
@@ -1707,7 +1729,11 @@ fn is_proxy_arg(k: &str) -> bool {
 }
 
 fn is_predefined_arg(k: &str) -> bool {
-    is_proxy_arg(k) || matches!(k, "SOURCE_DATE_EPOCH" | "BUILDKIT_INLINE_CACHE")
+    is_proxy_arg(k)
+        || matches!(
+            k,
+            "SOURCE_DATE_EPOCH" | "BUILDKIT_INLINE_CACHE" | "BUILDKIT_DOCKERFILE_CHECK"
+        )
 }
 
 /// A heredoc RUN whose whole command is just `<<EOF` (optionally `<<-EOF`, quoted).

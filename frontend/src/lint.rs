@@ -22,6 +22,67 @@ pub const LEGACY_KEY_VALUE_FORMAT: &str = "LegacyKeyValueFormat";
 pub const REDUNDANT_TARGET_PLATFORM: &str = "RedundantTargetPlatform";
 pub const UNDEFINED_ARG_IN_FROM: &str = "UndefinedArgInFrom";
 
+/// The `# check=` directive / `BUILDKIT_DOCKERFILE_CHECK` (BuildKit's `ParseLintOptions`):
+/// `skip=all|Rule1,Rule2;error=true|false` (`experimental=` is accepted; no experimental
+/// rules are implemented).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CheckConfig {
+    pub skip_all: bool,
+    pub skip: Vec<String>,
+    pub error: bool,
+}
+
+impl CheckConfig {
+    pub fn parse(s: &str) -> Result<CheckConfig, String> {
+        let mut cfg = CheckConfig::default();
+        let s = s.trim();
+        if s.is_empty() {
+            return Ok(cfg);
+        }
+        for part in s.splitn(3, ';') {
+            let Some((k, v)) = part.split_once('=') else {
+                return Err(format!("invalid check option \"{part}\""));
+            };
+            let v = v.trim();
+            match k.trim() {
+                "skip" if v == "all" => cfg.skip_all = true,
+                "skip" => cfg.skip = v.split(',').map(|r| r.trim().to_string()).collect(),
+                "experimental" => {}
+                // Go's strconv.ParseBool.
+                "error" => {
+                    cfg.error = match v {
+                        "1" | "t" | "T" | "TRUE" | "true" | "True" => true,
+                        "0" | "f" | "F" | "FALSE" | "false" | "False" => false,
+                        _ => {
+                            return Err(format!(
+                                "failed to parse check option \"{part}\": strconv.ParseBool: parsing \"{v}\": invalid syntax"
+                            ))
+                        }
+                    }
+                }
+                other => return Err(format!("invalid check option \"{other}\"")),
+            }
+        }
+        Ok(cfg)
+    }
+
+    pub fn skips(&self, rule: &str) -> bool {
+        self.skip_all || self.skip.iter().any(|r| r == rule)
+    }
+
+    /// BuildKit's `Linter.Error`: with `error=true`, any warning fails the build.
+    pub fn error_for(&self, warnings: &[Warning]) -> Option<String> {
+        if !self.error || warnings.is_empty() {
+            return None;
+        }
+        let rules: BTreeSet<&str> = warnings.iter().map(|w| w.rule.as_str()).collect();
+        Some(format!(
+            "lint violation found for rules: {}",
+            rules.into_iter().collect::<Vec<_>>().join(", ")
+        ))
+    }
+}
+
 /// BuildKit's `RuleJSONArgsRecommended.Format`.
 pub fn json_args_recommended(instruction: &str) -> String {
     format!(
@@ -370,6 +431,34 @@ mod tests {
             w[2].1,
             "\"ENV key=value\" should be used instead of legacy \"ENV key value\" format"
         );
+    }
+
+    #[test]
+    fn check_options_parse_like_buildkit() {
+        let c = CheckConfig::parse("skip=JSONArgsRecommended, StageNameCasing;error=true").unwrap();
+        assert!(c.skips("StageNameCasing") && c.skips("JSONArgsRecommended"));
+        assert!(!c.skips("MaintainerDeprecated"));
+        assert!(c.error);
+        assert!(CheckConfig::parse("skip=all").unwrap().skips("Anything"));
+        assert_eq!(
+            CheckConfig::parse("bogus").unwrap_err(),
+            "invalid check option \"bogus\""
+        );
+        assert_eq!(
+            CheckConfig::parse("speed=1").unwrap_err(),
+            "invalid check option \"speed\""
+        );
+        assert!(CheckConfig::parse("error=maybe").is_err());
+        let w = |rule: &str| Warning {
+            rule: rule.into(),
+            message: String::new(),
+            location: None,
+        };
+        assert_eq!(
+            c.error_for(&[w("B"), w("A"), w("B")]).unwrap(),
+            "lint violation found for rules: A, B"
+        );
+        assert_eq!(c.error_for(&[]), None);
     }
 
     #[test]

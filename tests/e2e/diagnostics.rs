@@ -216,3 +216,33 @@ fn debug_ast_reports_parse_errors_with_the_line() {
     assert!(err.contains("Dockerfile:2:5\n"), "{err}");
     assert!(err.contains("   2 | >>> CMD [\"x\", 2]"), "{err}");
 }
+
+#[test]
+fn check_directive_skips_rules_and_can_make_warnings_fatal() {
+    let env = TestEnv::new();
+    let ctx = context_with(
+        &env,
+        "# check=skip=MaintainerDeprecated;error=true\nFROM scratch\nMAINTAINER x\nCMD run\n",
+    );
+    let out = env.build(&[ctx.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(
+            " 1 warning found:\n - JSONArgsRecommended: JSON arguments recommended for CMD \
+             to prevent unintended behavior related to OS signals (line 4)\n\
+             ERROR: failed to solve: lint violation found for rules: JSONArgsRecommended\n"
+        ),
+        "{err}"
+    );
+    assert!(!err.contains("MaintainerDeprecated"), "{err}");
+    // The build arg overrides the directive.
+    let out = env.build(&[
+        "--build-arg",
+        "BUILDKIT_DOCKERFILE_CHECK=skip=all",
+        ctx.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(0));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("warning"), "{err}");
+}

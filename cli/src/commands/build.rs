@@ -192,6 +192,10 @@ pub fn run(cli: &Cli, args: &BuildArgs) -> Result<i32> {
     if let Some(w) = diagnostics::render_unused_build_args(&plan.unused_build_args) {
         eprintln!("{w}");
     }
+    if let Some(e) = &plan.lint_error {
+        eprintln!("ERROR: failed to solve: {e}");
+        return Ok(1);
+    }
 
     let mut run_env = crate::runopts::run_env(&args.secrets, &args.ssh, &args.allow)?;
     if let Err(e) = strata_solver::runmount::check_entitlements(&plan.definition, &run_env) {

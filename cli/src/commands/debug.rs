@@ -77,6 +77,10 @@ pub fn run(what: &DebugCommand) -> Result<i32> {
             if !plan.warnings.is_empty() {
                 eprintln!("{}", diagnostics::render_warnings(&plan.warnings));
             }
+            if let Some(e) = &plan.lint_error {
+                eprintln!("ERROR: {e}");
+                return Ok(1);
+            }
             print!("{}", plan.definition.dump());
             Ok(0)
         }
