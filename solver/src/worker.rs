@@ -311,7 +311,10 @@ impl RealWorker {
         let mut env = exec.env.clone();
         env.extend(prepared.env.iter().cloned());
         for (k, v) in &self.run_env.proxy_env {
-            if !env.iter().any(|e| e.split_once('=').map(|(n, _)| n) == Some(k)) {
+            if !env
+                .iter()
+                .any(|e| e.split_once('=').map(|(n, _)| n) == Some(k))
+            {
                 env.push(format!("{k}={v}"));
             }
         }
