@@ -78,13 +78,14 @@ fn fetch_registry(client: &Client, reference: &Reference) -> Result<Option<Cache
                     "{reference}: cache description of {size} bytes is over the limit"
                 )));
             }
-            let mut out = Vec::new();
+            // The descriptor's size is the registry's word; the limit holds whatever it says.
+            let mut out = LimitedVec(Vec::new());
             client
                 .fetch_blob(reference, &digest, &mut out)
                 .map_err(|e| {
                     Error::registry(format!("fetch cache description of {reference}"), e)
                 })?;
-            return CacheDescription::from_json(&out).map(Some);
+            return CacheDescription::from_json(&out.0).map(Some);
         }
     }
     // Not a cache artifact: an image (or index of them) that may carry an inline cache.
@@ -94,6 +95,25 @@ fn fetch_registry(client: &Client, reference: &Reference) -> Result<Option<Cache
     inline_description(&resolved.config_bytes)
         .map_err(|e| Error::Invalid(format!("{reference}: {e}")))
         .map(Some)
+}
+
+/// A `Vec` writer that refuses to grow past [`MAX_DESCRIPTION_BYTES`].
+struct LimitedVec(Vec<u8>);
+
+impl std::io::Write for LimitedVec {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if (self.0.len() + buf.len()) as u64 > MAX_DESCRIPTION_BYTES {
+            return Err(std::io::Error::other(format!(
+                "cache description larger than {MAX_DESCRIPTION_BYTES} bytes"
+            )));
+        }
+        self.0.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// The inline description in an image config.
@@ -504,5 +524,65 @@ impl CacheStore for ImportingCache<'_> {
     // Builds sharing the store still run a key once between them.
     fn lock(&self, key: &CacheKey) -> Result<Option<KeyLock>, String> {
         self.local.lock(key)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn description(content: &ContentStore) -> CacheDescription {
+        let (digest, size) = content.put(b"layer bytes", None).unwrap();
+        let mut d = CacheDescription {
+            schema_version: 1,
+            layers: vec![LayerBlob {
+                digest,
+                size,
+                media_type: "application/vnd.oci.image.layer.v1.tar+gzip".into(),
+                diff_id: Digest::of(b"tar"),
+                uncompressed_size: 3,
+            }],
+            ..Default::default()
+        };
+        d.records.insert(CacheKey([5; 32]).hex(), vec![0]);
+        d
+    }
+
+    #[test]
+    fn a_local_layout_reads_back_what_was_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let content = ContentStore::open(&dir.path().join("content")).unwrap();
+        let desc = description(&content);
+        let layout = dir.path().join("cache");
+        assert_eq!(read_local(&layout).unwrap(), None, "no cache yet");
+        let first = crate::write_local(&content, &desc, &layout).unwrap();
+        assert_eq!(first.written_blobs, 3, "layer, description, manifest");
+        let again = crate::write_local(&content, &desc, &layout).unwrap();
+        assert_eq!((again.written_blobs, again.existing_blobs), (0, 3));
+        assert_eq!(read_local(&layout).unwrap(), Some(desc.clone()));
+
+        // A description blob with other bytes than its digest is refused.
+        let config = desc.to_json().unwrap();
+        let path = layout.join("blobs/sha256").join(Digest::of(&config).hex());
+        std::fs::write(&path, b"{}").unwrap();
+        let e = read_local(&layout).unwrap_err().to_string();
+        assert!(e.contains("digest mismatch"), "{e}");
+    }
+
+    #[test]
+    fn inline_descriptions_come_from_the_config_field() {
+        let dir = tempfile::tempdir().unwrap();
+        let content = ContentStore::open(dir.path()).unwrap();
+        let desc = description(&content);
+        let config = serde_json::json!({
+            "architecture": "amd64",
+            INLINE_CONFIG_FIELD: serde_json::to_value(&desc).unwrap(),
+        });
+        let got = inline_description(&serde_json::to_vec(&config).unwrap()).unwrap();
+        assert_eq!(got, desc);
+        let e = inline_description(br#"{"architecture":"amd64"}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no strata.cache.v1"), "{e}");
     }
 }
