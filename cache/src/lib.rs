@@ -16,6 +16,11 @@
 //! cached build pulls only the final image's chain, and re-exporting the image reuses the
 //! same blob bytes: the same image digest as on the runner that built it.
 //!
+//! `type=inline` puts a `mode=min` description into the image config itself (its blobs
+//! are the image's layers). `cache-mounts=true` adds a blob of each `RUN
+//! --mount=type=cache` directory the build uses; [`MountRestoringWorker`] restores one
+//! on a runner that lacks it just before the first step that uses it runs.
+//!
 //! This is its own crate rather than a solver module because it sits above the solver: it
 //! uses the solver's seams (`CacheStore`, the worker's layer apply, `SolveReport`) together
 //! with the exporter's layer export and the registry client's push, which the scheduler
