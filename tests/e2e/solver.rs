@@ -292,3 +292,35 @@ fn two_concurrent_builds_run_a_shared_step_once() {
     ]);
     assert_eq!(std::fs::read_to_string(out3.join("rand")).unwrap(), rand1);
 }
+
+#[test]
+fn tty_progress_collapses_finished_steps_to_one_line_each() {
+    let env = TestEnv::new();
+    let df = format!("FROM {}\nRUN echo tty-step > /t\n", base());
+    let ctx = context(&env, "ctx", &df, &[]);
+    let build = || {
+        let out = env
+            .strata()
+            .args(["build", "--progress=tty", s(&ctx)])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "{err}");
+        err
+    };
+    let first = build();
+    let done = first
+        .lines()
+        .find(|l| l.starts_with("=> [stage-0 2/2] RUN echo tty-step > /t  "))
+        .unwrap_or_else(|| panic!("no collapsed RUN line:\n{first}"));
+    assert!(done.ends_with('s'), "{done}");
+    // Plain progress's numbered lines are not mixed in.
+    assert!(!first.lines().any(|l| l.starts_with("#2 ")), "{first}");
+    let second = build();
+    assert!(
+        second
+            .lines()
+            .any(|l| l == "=> CACHED [stage-0 2/2] RUN echo tty-step > /t"),
+        "{second}"
+    );
+}
