@@ -168,7 +168,10 @@ impl RealWorker {
         }
         // Remembered so that a push to another repository of this registry can mount
         // these layers instead of uploading them; only a hint, so errors are ignored.
-        for d in layers.iter().filter_map(|l| Digest::parse(l.digest().as_ref())) {
+        for d in layers
+            .iter()
+            .filter_map(|l| Digest::parse(l.digest().as_ref()))
+        {
             let _ = strata_exporter::record_blob_source(
                 &self.content,
                 &d,
