@@ -99,6 +99,7 @@ struct State {
     root: PathBuf,
     hosts: PathBuf,
     resolv_conf: PathBuf,
+    hostname: PathBuf,
     generated: Vec<PathBuf>,
 }
 
@@ -111,6 +112,7 @@ impl State {
             root: dir.join("root"),
             hosts: dir.join("hosts"),
             resolv_conf: dir.join("resolv.conf"),
+            hostname: dir.join("hostname"),
             dir,
             generated: Vec::new(),
         };
@@ -134,6 +136,7 @@ impl State {
                 state.write_generated(state.resolv_conf.clone(), &text)?;
             }
         }
+        state.write_generated(state.hostname.clone(), format!("{hostname}\n").as_bytes())?;
         Ok(state)
     }
 
@@ -303,7 +306,7 @@ fn pid1(
     umask(Mode::from_bits_truncate(0o022));
 
     let root = root_slot.insert(Root::mount(Box::new(Linux), &req.rootfs, &state.root)?);
-    root.mount_specials(&state.hosts, &state.resolv_conf)?;
+    root.mount_specials(&state.hosts, &state.resolv_conf, &state.hostname)?;
     for m in &req.mounts {
         match m {
             ExtraMount::Bind {

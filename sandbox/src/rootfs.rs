@@ -49,7 +49,19 @@ impl Root {
                 "mount rootfs: no root filesystem mounts given".into(),
             ));
         }
-        mount_all(sys.as_ref(), rootfs, base)?;
+        // nodev: without a devices cgroup, a device node a step creates (it has CAP_MKNOD,
+        // as in Docker) must never open, or root in a step could read the host's disks.
+        let nodev: Vec<Mount> = rootfs
+            .iter()
+            .map(|m| {
+                let mut m = m.clone();
+                if m.kind == "overlay" {
+                    m.options.push("nodev".into());
+                }
+                m
+            })
+            .collect();
+        mount_all(sys.as_ref(), &nodev, base)?;
         Ok(Root {
             sys,
             base: base.to_path_buf(),
@@ -177,11 +189,12 @@ impl Root {
         Ok(())
     }
 
-    /// /proc, /dev (+pts, shm, mqueue), /sys, /etc/hosts and /etc/resolv.conf.
+    /// /proc, /dev (+pts, shm, mqueue), /sys, /etc/hosts, /etc/resolv.conf and /etc/hostname.
     pub(crate) fn mount_specials(
         &mut self,
         hosts: &Path,
         resolv_conf: &Path,
+        hostname: &Path,
     ) -> Result<(), SetupError> {
         let common = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
 
@@ -199,10 +212,17 @@ impl Root {
             Some(Path::new("tmpfs")),
             &dev,
             Some("tmpfs"),
-            MsFlags::MS_NOSUID | MsFlags::MS_STRICTATIME,
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_STRICTATIME,
             Some("mode=755,size=65536k"),
         )?;
         populate_dev(self.sys.as_ref(), &dev)?;
+        // The few devices a step may use are the host's nodes bind-mounted into the nodev
+        // tmpfs (a bind mount has its own flags), so a node made by mknod in /dev is inert.
+        for name in DEVICES {
+            let p = dev.join(name);
+            let host = Path::new("/dev").join(name);
+            self.mount_at(Some(&host), &p, None, MsFlags::MS_BIND, None)?;
+        }
         let pts = dev.join("pts");
         self.mount_at(
             Some(Path::new("devpts")),
@@ -252,7 +272,11 @@ impl Root {
 
         self.protect_kernel_files(&proc_dir, &sys)?;
 
-        for (target, source) in [("/etc/hosts", hosts), ("/etc/resolv.conf", resolv_conf)] {
+        for (target, source) in [
+            ("/etc/hosts", hosts),
+            ("/etc/resolv.conf", resolv_conf),
+            ("/etc/hostname", hostname),
+        ] {
             let t = self.ensure(target, false)?;
             self.mount_at(Some(source), &t, None, MsFlags::MS_BIND, None)?;
             remount_ro(self.sys.as_ref(), &t)?;
@@ -439,19 +463,18 @@ fn remount_ro(sys: &dyn Syscall, target: &Path) -> Result<(), SetupError> {
         .ctx(|| format!("remount {} read-only", target.display()))
 }
 
-fn populate_dev(sys: &dyn Syscall, dev: &Path) -> Result<(), SetupError> {
-    let nodes: [(&str, u64, u64); 6] = [
-        ("null", 1, 3),
-        ("zero", 1, 5),
-        ("full", 1, 7),
-        ("random", 1, 8),
-        ("urandom", 1, 9),
-        ("tty", 5, 0),
-    ];
-    for (name, major, minor) in nodes {
+/// The device nodes a step gets, bound from the host's /dev.
+const DEVICES: [&str; 6] = ["null", "zero", "full", "random", "urandom", "tty"];
+
+fn populate_dev(_sys: &dyn Syscall, dev: &Path) -> Result<(), SetupError> {
+    for name in DEVICES {
         let p = dev.join(name);
-        sys.mknod_char(&p, 0o666, major, minor)
-            .ctx(|| format!("create device {}", p.display()))?;
+        fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o666)
+            .open(&p)
+            .ctx(|| format!("create mount point {}", p.display()))?;
     }
     for (name, target) in [
         ("fd", "/proc/self/fd"),
@@ -705,8 +728,12 @@ mod tests {
             base: b.to_path_buf(),
             undo: Vec::new(),
         };
-        r.mount_specials(Path::new("/h/hosts"), Path::new("/h/resolv"))
-            .unwrap();
+        r.mount_specials(
+            Path::new("/h/hosts"),
+            Path::new("/h/resolv"),
+            Path::new("/h/hostname"),
+        )
+        .unwrap();
         let calls = rec.calls();
         let mounts = mounts_of(&calls);
         let fstypes: Vec<(String, Option<String>)> = mounts
@@ -719,6 +746,12 @@ mod tests {
             vec![
                 s("proc", Some("proc")),
                 s("dev", Some("tmpfs")),
+                s("dev/null", None),
+                s("dev/zero", None),
+                s("dev/full", None),
+                s("dev/random", None),
+                s("dev/urandom", None),
+                s("dev/tty", None),
                 s("dev/pts", Some("devpts")),
                 s("dev/shm", Some("tmpfs")),
                 s("dev/mqueue", Some("mqueue")),
@@ -727,15 +760,25 @@ mod tests {
                 s("etc/hosts", None),
                 s("etc/resolv.conf", None),
                 s("etc/resolv.conf", None),
+                s("etc/hostname", None),
+                s("etc/hostname", None),
             ]
         );
         // The read-only remount keeps the mount's other flags.
         assert_eq!(
-            mounts[7].2,
+            mounts[13].2,
             MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | MsFlags::MS_NOSUID
         );
-        assert_eq!(mounts[5].2 & MsFlags::MS_RDONLY, MsFlags::MS_RDONLY);
-        assert!(calls.contains(&Call::Mknod(b.join("dev/null"), 0o666, 1, 3)));
+        assert_eq!(mounts[11].2 & MsFlags::MS_RDONLY, MsFlags::MS_RDONLY);
+        assert_eq!(
+            mounts[1].2 & MsFlags::MS_NODEV,
+            MsFlags::MS_NODEV,
+            "/dev must be nodev"
+        );
+        assert!(
+            b.join("dev/null").is_file(),
+            "a mount point for the host's /dev/null"
+        );
         assert!(b.join("dev").is_dir() && b.join("sys").is_dir() && b.join("etc/hosts").is_file());
 
         r.cleanup();

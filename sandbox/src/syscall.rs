@@ -4,7 +4,6 @@
 use std::path::Path;
 
 use nix::mount::{MntFlags, MsFlags};
-use nix::sys::stat::{Mode, SFlag};
 use nix::sys::statvfs::FsFlags;
 
 pub(crate) trait Syscall {
@@ -19,8 +18,6 @@ pub(crate) trait Syscall {
     fn umount(&self, target: &Path, flags: MntFlags) -> nix::Result<()>;
     /// Per-mount flags of the mount holding `path`.
     fn mount_flags(&self, path: &Path) -> nix::Result<FsFlags>;
-    /// A character device with exactly `perm` (not filtered by the umask).
-    fn mknod_char(&self, path: &Path, perm: u32, major: u64, minor: u64) -> nix::Result<()>;
     fn chdir(&self, dir: &Path) -> nix::Result<()>;
     /// Makes `new_root` the root with `pivot_root(".", ".")` and detaches the old root.
     fn pivot_root(&self, new_root: &Path) -> nix::Result<()>;
@@ -47,22 +44,6 @@ impl Syscall for Linux {
 
     fn mount_flags(&self, path: &Path) -> nix::Result<FsFlags> {
         Ok(nix::sys::statvfs::statvfs(path)?.flags())
-    }
-
-    fn mknod_char(&self, path: &Path, perm: u32, major: u64, minor: u64) -> nix::Result<()> {
-        let mode = Mode::from_bits_truncate(perm);
-        nix::sys::stat::mknod(
-            path,
-            SFlag::S_IFCHR,
-            mode,
-            nix::sys::stat::makedev(major, minor),
-        )?;
-        nix::sys::stat::fchmodat(
-            None,
-            path,
-            mode,
-            nix::sys::stat::FchmodatFlags::FollowSymlink,
-        )
     }
 
     fn chdir(&self, dir: &Path) -> nix::Result<()> {
@@ -97,7 +78,6 @@ pub(crate) mod recorder {
             data: Option<String>,
         },
         Umount(PathBuf),
-        Mknod(PathBuf, u32, u64, u64),
         Chdir(PathBuf),
         Pivot(PathBuf),
     }
@@ -138,13 +118,6 @@ pub(crate) mod recorder {
 
         fn mount_flags(&self, _path: &Path) -> nix::Result<FsFlags> {
             Ok(FsFlags::ST_NOSUID)
-        }
-
-        fn mknod_char(&self, path: &Path, perm: u32, major: u64, minor: u64) -> nix::Result<()> {
-            self.0
-                .borrow_mut()
-                .push(Call::Mknod(path.to_path_buf(), perm, major, minor));
-            Ok(())
         }
 
         fn chdir(&self, dir: &Path) -> nix::Result<()> {

@@ -2,6 +2,7 @@
 
 use std::collections::BTreeSet;
 use std::fs;
+use std::os::unix::fs::FileTypeExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -143,7 +144,14 @@ fn host_mounts() -> BTreeSet<String> {
 
 /// Entries the sandbox may have created as mount points must not be left behind.
 fn assert_no_stubs(root: &Path) {
-    for p in ["proc", "dev", "sys", "etc/hosts", "etc/resolv.conf"] {
+    for p in [
+        "proc",
+        "dev",
+        "sys",
+        "etc/hosts",
+        "etc/resolv.conf",
+        "etc/hostname",
+    ] {
         assert!(
             fs::symlink_metadata(root.join(p)).is_err(),
             "{p} left in {}",
@@ -222,9 +230,9 @@ fn hostname_hosts_and_resolv_conf() {
     assert!(out.contains(&host_resolv), "{out}");
     assert!(out.ends_with("ro\n"), "hosts must be read-only: {out}");
     req.process.hostname = "myhost".into();
-    req.process.args[2] = "hostname; grep myhost /etc/hosts".into();
+    req.process.args[2] = "hostname; grep myhost /etc/hosts; cat /etc/hostname".into();
     let out = run_ok(&req);
-    assert_eq!(out, "myhost\n127.0.0.1\tlocalhost myhost\n");
+    assert_eq!(out, "myhost\n127.0.0.1\tlocalhost myhost\nmyhost\n");
     assert_no_stubs(dir.path());
 }
 
@@ -274,6 +282,25 @@ fn overlay_user_cwd_and_no_stub_in_upper() {
             lower_etc_mtime
         );
     }
+}
+
+#[test]
+fn device_nodes_made_in_a_step_cannot_be_opened() {
+    // Without a devices cgroup a step keeps CAP_MKNOD (Docker's set); the root and /dev are
+    // nodev so its nodes stay inert (here 1:3, /dev/null's numbers, so nothing real is at
+    // stake), while the host's own /dev/null is usable.
+    let ov = overlay();
+    let req = request(
+        ov.mounts(),
+        "mknod /tmp/n c 1 3 && (echo x > /tmp/n && echo root-open || echo root-denied); \
+         mknod /dev/n c 1 3 && (echo x > /dev/n && echo dev-open || echo dev-denied); \
+         echo x > /dev/null && echo null-ok",
+    );
+    assert_eq!(run_ok(&req), "root-denied\ndev-denied\nnull-ok\n");
+    // The node itself is kept in the layer, as a build may want it in the image.
+    let m = fs::symlink_metadata(ov.upper.join("tmp/n")).unwrap();
+    assert!(m.file_type().is_char_device());
+    assert_no_stubs(&ov.upper);
 }
 
 #[test]
