@@ -1207,6 +1207,24 @@ fn stat_cache_reads_only_changed_files_and_persists() {
     assert!(reopened.len() >= 200);
     assert_eq!(sum(&ctx(s), &a, &reopened), changed);
     assert_eq!(reopened.hashed_files(), 0, "persisted entries are used");
+    // Nothing new was hashed: the file is not rewritten (a rewrite renames a new inode in).
+    let ino = |p: &std::path::Path| std::os::unix::fs::MetadataExt::ino(&fs::metadata(p).unwrap());
+    let before = ino(&cache_path);
+    reopened.save().unwrap();
+    assert_eq!(ino(&cache_path), before, "unchanged cache rewritten");
+    fs::write(s.join("tree/d4/f4"), "changed too").unwrap();
+    settle();
+    sum(&ctx(s), &a, &reopened);
+    assert_eq!(reopened.hashed_files(), 1);
+    reopened.save().unwrap();
+    assert_ne!(ino(&cache_path), before, "new entry not saved");
+    // Back to the content the checks below expect.
+    fs::write(s.join("tree/d4/f4"), "content 4").unwrap();
+    settle();
+    assert_eq!(
+        sum(&ctx(s), &a, &StatCache::open(&cache_path)),
+        sum(&ctx(s), &a, &reopened)
+    );
 
     // Truncated and garbage files load as an empty cache.
     let bytes = fs::read(&cache_path).unwrap();
