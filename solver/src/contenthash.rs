@@ -14,8 +14,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use strata_dag::CopyAction;
 
 use crate::fileop::{
-    io_err, plan_sources, walk_source, FileOpError, Filter, SourceRoot, Visitor, WalkEntry,
-    WalkEvent,
+    io_err, plan_sources, walk_source_prefetched, FileOpError, Filter, SourceRoot, Visitor,
+    WalkEntry, WalkEvent,
 };
 
 const DOMAIN: &[u8] = b"strata-contenthash-v1\0";
@@ -56,7 +56,7 @@ pub fn checksum(
         v.links.clear();
         v.hasher.update(b"S");
         v.put_bytes(s.name.as_bytes());
-        walk_source(root.path, &s.resolved, &filter, &mut v)?;
+        walk_source_prefetched(root.path, &s.resolved, &filter, &mut v)?;
     }
     Ok(*v.hasher.finalize().as_bytes())
 }

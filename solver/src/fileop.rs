@@ -593,6 +593,65 @@ pub(crate) fn walk_source(
     filter: &Filter,
     v: &mut dyn Visitor,
 ) -> Result<(), FileOpError> {
+    walk_source_with(root, resolved, filter, v, false)
+}
+
+/// [`walk_source`] with the directory listings and stats read ahead on all cores first
+/// (rayon), for walks whose visitor is cheap next to the syscalls, like re-checksumming a
+/// context from the stat cache. The visit itself stays sequential and in the same order;
+/// only where each listing comes from changes. Costs memory for the whole tree's stats.
+pub(crate) fn walk_source_prefetched(
+    root: &Path,
+    resolved: &Path,
+    filter: &Filter,
+    v: &mut dyn Visitor,
+) -> Result<(), FileOpError> {
+    walk_source_with(root, resolved, filter, v, true)
+}
+
+/// Directory listings read ahead of a walk: absolute directory -> sorted (name, stat).
+type Listings = HashMap<PathBuf, Vec<(OsString, Metadata)>>;
+
+/// Reads, in parallel, the listing of `abs` and of every directory below it that
+/// [`walk_dir`] would enter (the same filter decision). A directory that cannot be read is
+/// left out: the walk then reads it itself and reports the error as it always did.
+fn prefetch_dir(
+    abs: PathBuf,
+    rel: PathBuf,
+    root_rel: PathBuf,
+    filter: &Filter,
+    out: &std::sync::Mutex<Listings>,
+) {
+    use rayon::prelude::*;
+    let Ok(entries) = sorted_dir_md(&abs) else {
+        return;
+    };
+    let subdirs: Vec<(PathBuf, PathBuf, PathBuf)> = entries
+        .iter()
+        .filter(|(_, md)| md.is_dir())
+        .filter_map(|(name, _)| {
+            let c_rel = join_rel(&rel, name);
+            let c_root_rel = join_rel(&root_rel, name);
+            let (included, descend) =
+                filter.check(&c_root_rel.to_string_lossy(), &c_rel.to_string_lossy());
+            (included || descend).then(|| (abs.join(name), c_rel, c_root_rel))
+        })
+        .collect();
+    out.lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(abs, entries);
+    subdirs
+        .into_par_iter()
+        .for_each(|(a, r, rr)| prefetch_dir(a, r, rr, filter, out));
+}
+
+fn walk_source_with(
+    root: &Path,
+    resolved: &Path,
+    filter: &Filter,
+    v: &mut dyn Visitor,
+    prefetch: bool,
+) -> Result<(), FileOpError> {
     let abs = root.join(resolved);
     let md = fs::symlink_metadata(&abs).map_err(io_err("stat", &abs))?;
     let rel = PathBuf::new();
@@ -605,7 +664,19 @@ pub(crate) fn walk_source(
     if md.is_dir() {
         v.visit(WalkEvent::DirStart, &entry)?;
         let mut pending = Vec::new();
-        walk_dir(&abs, &rel, resolved, filter, &mut pending, v)?;
+        let mut pre = Listings::new();
+        if prefetch {
+            let out = std::sync::Mutex::new(Listings::new());
+            prefetch_dir(
+                abs.clone(),
+                rel.clone(),
+                resolved.to_path_buf(),
+                filter,
+                &out,
+            );
+            pre = out.into_inner().unwrap_or_else(|p| p.into_inner());
+        }
+        walk_dir(&abs, &rel, resolved, filter, &mut pending, &mut pre, v)?;
         v.visit(WalkEvent::DirEnd, &entry)
     } else {
         v.visit(WalkEvent::Leaf, &entry)
@@ -634,9 +705,14 @@ fn walk_dir(
     root_rel: &Path,
     filter: &Filter,
     pending: &mut Vec<Pending>,
+    pre: &mut Listings,
     v: &mut dyn Visitor,
 ) -> Result<(), FileOpError> {
-    for (name, md) in sorted_dir_md(abs)? {
+    let listing = match pre.remove(abs) {
+        Some(l) => l,
+        None => sorted_dir_md(abs)?,
+    };
+    for (name, md) in listing {
         let c_abs = abs.join(&name);
         let c_rel = join_rel(rel, &name);
         let c_root_rel = join_rel(root_rel, &name);
@@ -652,7 +728,7 @@ fn walk_dir(
             if included {
                 flush(pending, v)?;
                 v.visit(WalkEvent::DirStart, &entry)?;
-                walk_dir(&c_abs, &c_rel, &c_root_rel, filter, pending, v)?;
+                walk_dir(&c_abs, &c_rel, &c_root_rel, filter, pending, pre, v)?;
                 v.visit(WalkEvent::DirEnd, &entry)?;
             } else if descend {
                 pending.push(Pending {
@@ -662,7 +738,7 @@ fn walk_dir(
                     md: md.clone(),
                     emitted: false,
                 });
-                walk_dir(&c_abs, &c_rel, &c_root_rel, filter, pending, v)?;
+                walk_dir(&c_abs, &c_rel, &c_root_rel, filter, pending, pre, v)?;
                 if let Some(p) = pending.pop() {
                     if p.emitted {
                         v.visit(WalkEvent::DirEnd, &entry)?;
