@@ -188,3 +188,26 @@ pub fn executed_steps(stderr: &str) -> Vec<String> {
 pub fn cached_steps(stderr: &str) -> Vec<String> {
     steps_with(stderr, |t| t == "CACHED")
 }
+
+/// Waits until a step has printed `marker` as a line of its own output (`#N marker` in plain
+/// progress), which means its sandbox runs. The step's header (`#N [..] RUN echo marker`) is
+/// printed before its snapshot exists, so matching the text anywhere would fire too early.
+pub fn wait_for_step_output(log: &Path, marker: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        let printed = text.lines().any(|l| {
+            l.strip_prefix('#')
+                .and_then(|rest| rest.split_once(' '))
+                .is_some_and(|(id, out)| id.chars().all(|c| c.is_ascii_digit()) && out == marker)
+        });
+        if printed {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the step never printed {marker:?}:\n{text}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}

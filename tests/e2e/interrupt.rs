@@ -20,23 +20,6 @@ fn slow_context(env: &TestEnv) -> std::path::PathBuf {
     dir
 }
 
-fn wait_for_step(stderr_path: &std::path::Path) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while Instant::now() < deadline {
-        if std::fs::read_to_string(stderr_path)
-            .unwrap_or_default()
-            .contains("started-slow-step")
-        {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    panic!(
-        "the slow step never started: {}",
-        std::fs::read_to_string(stderr_path).unwrap_or_default()
-    );
-}
-
 fn interrupt_with(signal: libc::c_int) {
     let env = TestEnv::new();
     let ctx = slow_context(&env);
@@ -48,7 +31,7 @@ fn interrupt_with(signal: libc::c_int) {
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
-    wait_for_step(&log);
+    wait_for_step_output(&log, "started-slow-step");
     unsafe {
         libc::kill(child.id() as i32, signal);
     }

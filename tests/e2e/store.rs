@@ -4,7 +4,7 @@
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use strata_snapshotter::{Kind, OverlaySnapshotter, Snapshotter};
 use strata_solver::cache::DbCache;
@@ -304,14 +304,7 @@ fn prune_reaps_the_snapshot_of_a_killed_build_and_crash_leftovers() {
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !std::fs::read_to_string(&log)
-        .unwrap_or_default()
-        .contains("started-slow-step")
-    {
-        assert!(Instant::now() < deadline, "the slow step never started");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_for_step_output(&log, "started-slow-step");
     let pid = child.id();
     unsafe {
         libc::kill(pid as i32, libc::SIGKILL);
@@ -516,14 +509,7 @@ fn prune_waits_for_a_running_build_and_never_pulls_its_snapshots_away() {
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !std::fs::read_to_string(&log)
-        .unwrap_or_default()
-        .contains("started-step")
-    {
-        assert!(Instant::now() < deadline, "the step never started");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for_step_output(&log, "started-step");
     let prune_err = env.path("prune.log");
     let mut prune = env
         .strata()
