@@ -402,6 +402,41 @@ fn two_processes_share_a_root() {
     assert_eq!(names.len(), 60, "{names:?}");
 }
 
+/// Reads are answered from memory while nothing changed; a change through another handle
+/// on the root (as another process would make it) is seen by the next read, and so is a
+/// change made by an older binary that opens redb without writing the token.
+#[test]
+fn cached_reads_see_other_handles_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    let a = OverlaySnapshotter::open(&root).unwrap();
+    let b = OverlaySnapshotter::open(&root).unwrap();
+    a.prepare("k", "").unwrap();
+    a.commit("base", "k", labels(&[("x", "1")])).unwrap();
+    assert_eq!(a.stat("base").unwrap().labels, labels(&[("x", "1")]));
+    // Twice: the second read is the cached one.
+    assert_eq!(a.stat("base").unwrap().labels, labels(&[("x", "1")]));
+    b.update_labels("base", labels(&[("x", "2")])).unwrap();
+    assert_eq!(a.stat("base").unwrap().labels, labels(&[("x", "2")]));
+    b.prepare("k2", "base").unwrap();
+    b.commit("child", "k2", BTreeMap::new()).unwrap();
+    assert_eq!(a.stat("child").unwrap().parent.as_deref(), Some("base"));
+    b.remove("child").unwrap();
+    assert!(matches!(a.stat("child"), Err(Error::NotFound(_))));
+    // A writer that leaves the token alone: redb's own open rewrites the file's header.
+    assert!(a.stat("base").is_ok());
+    {
+        let db = redb::Database::create(root.join("metadata.redb")).unwrap();
+        let tx = db.begin_write().unwrap();
+        tx.open_table(redb::TableDefinition::<&str, &[u8]>::new("snapshots"))
+            .unwrap()
+            .remove("base")
+            .unwrap();
+        tx.commit().unwrap();
+    }
+    assert!(matches!(a.stat("base"), Err(Error::NotFound(_))));
+}
+
 #[test]
 #[ignore = "helper run by two_processes_share_a_root"]
 fn process_worker() {
