@@ -99,7 +99,6 @@ struct State {
     root: PathBuf,
     hosts: PathBuf,
     resolv_conf: PathBuf,
-    hostname: PathBuf,
     generated: Vec<PathBuf>,
 }
 
@@ -112,7 +111,6 @@ impl State {
             root: dir.join("root"),
             hosts: dir.join("hosts"),
             resolv_conf: dir.join("resolv.conf"),
-            hostname: dir.join("hostname"),
             dir,
             generated: Vec::new(),
         };
@@ -136,7 +134,6 @@ impl State {
                 state.write_generated(state.resolv_conf.clone(), &text)?;
             }
         }
-        state.write_generated(state.hostname.clone(), format!("{hostname}\n").as_bytes())?;
         Ok(state)
     }
 
@@ -306,7 +303,7 @@ fn pid1(
     umask(Mode::from_bits_truncate(0o022));
 
     let root = root_slot.insert(Root::mount(Box::new(Linux), &req.rootfs, &state.root)?);
-    root.mount_specials(&state.hosts, &state.resolv_conf, &state.hostname)?;
+    root.mount_specials(&state.hosts, &state.resolv_conf)?;
     for m in &req.mounts {
         match m {
             ExtraMount::Bind {

@@ -189,12 +189,12 @@ impl Root {
         Ok(())
     }
 
-    /// /proc, /dev (+pts, shm, mqueue), /sys, /etc/hosts, /etc/resolv.conf and /etc/hostname.
+    /// /proc, /dev (+pts, shm, mqueue), /sys, /etc/hosts and /etc/resolv.conf. Not
+    /// /etc/hostname: BuildKit leaves it to the image, so a step may write or remove it.
     pub(crate) fn mount_specials(
         &mut self,
         hosts: &Path,
         resolv_conf: &Path,
-        hostname: &Path,
     ) -> Result<(), SetupError> {
         let common = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
 
@@ -272,11 +272,7 @@ impl Root {
 
         self.protect_kernel_files(&proc_dir, &sys)?;
 
-        for (target, source) in [
-            ("/etc/hosts", hosts),
-            ("/etc/resolv.conf", resolv_conf),
-            ("/etc/hostname", hostname),
-        ] {
+        for (target, source) in [("/etc/hosts", hosts), ("/etc/resolv.conf", resolv_conf)] {
             let t = self.ensure(target, false)?;
             self.mount_at(Some(source), &t, None, MsFlags::MS_BIND, None)?;
             remount_ro(self.sys.as_ref(), &t)?;
@@ -728,12 +724,8 @@ mod tests {
             base: b.to_path_buf(),
             undo: Vec::new(),
         };
-        r.mount_specials(
-            Path::new("/h/hosts"),
-            Path::new("/h/resolv"),
-            Path::new("/h/hostname"),
-        )
-        .unwrap();
+        r.mount_specials(Path::new("/h/hosts"), Path::new("/h/resolv"))
+            .unwrap();
         let calls = rec.calls();
         let mounts = mounts_of(&calls);
         let fstypes: Vec<(String, Option<String>)> = mounts
@@ -760,8 +752,6 @@ mod tests {
                 s("etc/hosts", None),
                 s("etc/resolv.conf", None),
                 s("etc/resolv.conf", None),
-                s("etc/hostname", None),
-                s("etc/hostname", None),
             ]
         );
         // The read-only remount keeps the mount's other flags.
