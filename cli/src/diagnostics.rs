@@ -369,7 +369,7 @@ pub fn render_convert_error(file: &str, source: &str, e: &ConvertError) -> Strin
             stages
                 .iter()
                 .filter(|s| **s != n)
-                .map(|s| (strata_frontend::lint::levenshtein(&n, s), s))
+                .map(|s| (strata_frontend::suggest::levenshtein(&n, s), s))
                 .filter(|(d, _)| *d < 3)
                 .min_by_key(|(d, _)| *d)
                 .map(|(_, s)| s.clone())

@@ -553,7 +553,7 @@ impl<'a> Converter<'a> {
                 let mut msg = format!("target stage \"{t}\" could not be found");
                 let close = names
                     .iter()
-                    .map(|n| (crate::lint::levenshtein(t, n), *n))
+                    .map(|n| (crate::suggest::levenshtein(t, n), *n))
                     .filter(|(d, _)| *d < 3)
                     .min_by_key(|(d, _)| *d);
                 if let Some((_, n)) = close {
@@ -859,7 +859,7 @@ impl<'a> Converter<'a> {
             let close = keys
                 .iter()
                 .filter(|k| **k != name)
-                .map(|k| (crate::lint::levenshtein(&name, k), *k))
+                .map(|k| (crate::suggest::levenshtein(&name, k), *k))
                 .filter(|(d, _)| *d < 3)
                 .min_by_key(|(d, _)| *d);
             if let Some((_, k)) = close {

@@ -276,7 +276,7 @@ pub fn parse_instruction(node: &Node) -> Result<Parsed, InstructionError> {
         "stopsignal" => parse_stopsignal(&req).map(|s| command(Instruction::StopSignal(s))),
         "arg" => parse_arg(&req).map(|a| command(Instruction::Arg(a))),
         "shell" => parse_shell(&req).map(|s| command(Instruction::Shell(s))),
-        _ => Err(with_suggestion(
+        _ => Err(crate::suggest::wrap_error(
             format!("unknown instruction: {}", node.value),
             &node.value,
             &INSTRUCTION_NAMES,
@@ -398,7 +398,7 @@ fn parse_flags(args: &[String], defs: &[(&'static str, FlagKind)]) -> Result<Fla
         let arg = &flag_name[2..];
         let Some(&(name, kind)) = defs.iter().find(|(n, _)| *n == arg) else {
             let names: Vec<&str> = defs.iter().map(|(n, _)| *n).collect();
-            return Err(with_suggestion(
+            return Err(crate::suggest::wrap_error(
                 format!("unknown flag: {flag_name}"),
                 arg,
                 &names,
@@ -447,58 +447,6 @@ fn parse_flags(args: &[String], defs: &[(&'static str, FlagKind)]) -> Result<Fla
 
 fn no_flags(req: &Request) -> Result<(), String> {
     parse_flags(&req.node.flags, &[]).map(|_| ())
-}
-
-/// BuildKit's `suggest.WrapError`: appends `(did you mean X?)` for a close option.
-fn with_suggestion(msg: String, val: &str, options: &[&str], case_sensitive: bool) -> String {
-    let val_cmp = if case_sensitive {
-        val.to_string()
-    } else {
-        go_to_lower(val)
-    };
-    let mut best: Option<String> = None;
-    let mut min_dist = 3;
-    for opt in options {
-        let opt_cmp = if case_sensitive {
-            opt.to_string()
-        } else {
-            go_to_lower(opt)
-        };
-        if val_cmp == opt_cmp {
-            return msg;
-        }
-        let dist = levenshtein(&val_cmp, &opt_cmp);
-        if dist < min_dist {
-            min_dist = dist;
-            // BuildKit's matchCase: an all-uppercase input gets an uppercase suggestion.
-            best = Some(
-                if !case_sensitive && val != go_to_lower(val) && val == go_to_upper(val) {
-                    go_to_upper(&opt_cmp)
-                } else {
-                    opt_cmp
-                },
-            );
-        }
-    }
-    match best {
-        Some(m) => format!("{msg} (did you mean {m}?)"),
-        None => msg,
-    }
-}
-
-fn levenshtein(a: &str, b: &str) -> usize {
-    let a: Vec<char> = a.chars().collect();
-    let b: Vec<char> = b.chars().collect();
-    let mut prev: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.iter().enumerate() {
-        let mut cur = vec![i + 1; b.len() + 1];
-        for (j, cb) in b.iter().enumerate() {
-            let sub = prev[j] + usize::from(ca != cb);
-            cur[j + 1] = sub.min(prev[j + 1] + 1).min(cur[j] + 1);
-        }
-        prev = cur;
-    }
-    prev[b.len()]
 }
 
 // ---------------------------------------------------------------------------------------

@@ -16,3 +16,4 @@ pub mod lint;
 pub mod parser;
 pub mod runmount;
 pub mod shell;
+pub mod suggest;

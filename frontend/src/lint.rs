@@ -293,7 +293,7 @@ fn check_from_args(
                     continue;
                 }
                 let mut msg = format!("FROM argument '{name}' is not declared");
-                if let Some(s) = suggest(name, &candidates) {
+                if let Some(s) = crate::suggest::search(name, &candidates, true) {
                     msg.push_str(&format!(" (did you mean {s}?)"));
                 }
                 out.push(warn(UNDEFINED_ARG_IN_FROM, msg, node));
@@ -314,40 +314,6 @@ fn check_from_args(
             }
         }
     }
-}
-
-/// BuildKit's `suggest.Search` (case-sensitive): the closest option within distance 2.
-fn suggest(val: &str, options: &[&str]) -> Option<String> {
-    let mut best = None;
-    let mut min = 3;
-    for opt in options {
-        if *opt == val {
-            return None;
-        }
-        let d = levenshtein(val, opt);
-        if d < min {
-            min = d;
-            best = Some(opt.to_string());
-        }
-    }
-    best
-}
-
-/// Edit distance in characters (agext/levenshtein with unit costs, as BuildKit's
-/// `suggest` package uses).
-pub fn levenshtein(a: &str, b: &str) -> usize {
-    let a: Vec<char> = a.chars().collect();
-    let b: Vec<char> = b.chars().collect();
-    let mut prev: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.iter().enumerate() {
-        let mut cur = vec![i + 1; b.len() + 1];
-        for (j, cb) in b.iter().enumerate() {
-            let sub = prev[j] + usize::from(ca != cb);
-            cur[j + 1] = sub.min(prev[j + 1] + 1).min(cur[j] + 1);
-        }
-        prev = cur;
-    }
-    prev[b.len()]
 }
 
 #[cfg(test)]

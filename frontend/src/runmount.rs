@@ -140,10 +140,11 @@ pub fn parse_mount(
                     "secret" => MountType::Secret,
                     "ssh" => MountType::Ssh,
                     _ => {
-                        return Err(suggest(
+                        return Err(crate::suggest::wrap_error(
                             format!("unsupported mount type {value:?}"),
                             &value,
                             MOUNT_TYPES,
+                            true,
                         ))
                     }
                 }
@@ -183,10 +184,11 @@ pub fn parse_mount(
             "sharing" => {
                 let v = value.to_lowercase();
                 if !SHARING_MODES.contains(&v.as_str()) {
-                    return Err(suggest(
+                    return Err(crate::suggest::wrap_error(
                         format!("unsupported sharing value {value:?}"),
                         &value,
                         SHARING_MODES,
+                        true,
                     ));
                 }
                 m.sharing = v;
@@ -213,10 +215,11 @@ pub fn parse_mount(
             }
             "env" => m.env = Some(value),
             _ => {
-                return Err(suggest(
+                return Err(crate::suggest::wrap_error(
                     format!("unexpected key '{key}' in '{field}'"),
                     &key,
                     ALL_KEYS,
+                    true,
                 ))
             }
         }
@@ -343,41 +346,6 @@ fn csv_fields(s: &str) -> Result<Vec<String>, String> {
             fields.push(field);
         }
     }
-}
-
-/// BuildKit's `suggest.WrapError`: appends `(did you mean X?)` for a near miss.
-fn suggest(message: String, value: &str, options: &[&str]) -> String {
-    let mut best: Option<&str> = None;
-    let mut min = 3;
-    for opt in options {
-        if *opt == value {
-            return message;
-        }
-        let d = levenshtein(value, opt);
-        if d < min {
-            min = d;
-            best = Some(opt);
-        }
-    }
-    match best {
-        Some(b) => format!("{message} (did you mean {b}?)"),
-        None => message,
-    }
-}
-
-fn levenshtein(a: &str, b: &str) -> usize {
-    let a: Vec<char> = a.chars().collect();
-    let b: Vec<char> = b.chars().collect();
-    let mut prev: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.iter().enumerate() {
-        let mut cur = vec![i + 1; b.len() + 1];
-        for (j, cb) in b.iter().enumerate() {
-            let sub = prev[j] + usize::from(ca != cb);
-            cur[j + 1] = sub.min(prev[j + 1] + 1).min(cur[j] + 1);
-        }
-        prev = cur;
-    }
-    prev[b.len()]
 }
 
 #[cfg(test)]
