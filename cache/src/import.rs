@@ -449,7 +449,7 @@ impl Worker for MountRestoringWorker<'_> {
                         progress.event(ProgressEvent::Info {
                             message: format!(
                                 "WARNING: restore cache mount {id}: {}",
-                                crate::error_chain(&e)
+                                strata_solver::error_chain(&e)
                             ),
                         });
                     }
@@ -495,7 +495,7 @@ impl CacheStore for ImportingCache<'_> {
                         "WARNING: import cache record {} from {}: {}",
                         key.hex(),
                         import.name(),
-                        crate::error_chain(&e)
+                        strata_solver::error_chain(&e)
                     );
                     self.progress.event(ProgressEvent::Info {
                         message: message.clone(),

@@ -43,6 +43,7 @@ use strata_dag::{Definition, Digest, Node, NodeMeta, Op};
 
 pub use cache::{CacheStore, KeyLock};
 pub use progress::{Progress, ProgressEvent};
+pub use worker::error_chain;
 
 /// Version salt of every cache key: bump it when the meaning of keys changes.
 const CACHE_KEY_VERSION: &[u8] = b"strata-cache-v1";

@@ -562,25 +562,32 @@ pub fn clean_stale_secrets() -> usize {
     removed
 }
 
+/// The copy a bind mount of `src` of input `src_input` amounts to: its content (when a
+/// directory) to `/`. The worker checksums this same action for a mount of the context, so
+/// the cache key covers exactly what the mount exposes.
+pub(crate) fn mount_copy_action(src_input: u32, src: &str) -> CopyAction {
+    CopyAction {
+        src_input,
+        src: src.to_string(),
+        dest: "/".into(),
+        owner: None,
+        mode: None,
+        follow_symlinks: true,
+        dir_contents_only: true,
+        allow_wildcard: false,
+        allow_empty_wildcard: false,
+        create_dest_path: true,
+        attempt_unpack: false,
+        exclude: vec![],
+    }
+}
+
 /// Copies `source` of `root` (its content, when a directory) into the directory `dest`.
 fn copy_tree(root: &Path, source: &str, dest: &Path) -> Result<(), String> {
     let src = if source.is_empty() { "/" } else { source };
     let op = FileOp {
         base_input: None,
-        actions: vec![FileAction::Copy(CopyAction {
-            src_input: 0,
-            src: src.to_string(),
-            dest: "/".into(),
-            owner: None,
-            mode: None,
-            follow_symlinks: true,
-            dir_contents_only: true,
-            allow_wildcard: false,
-            allow_empty_wildcard: false,
-            create_dest_path: true,
-            attempt_unpack: false,
-            exclude: vec![],
-        })],
+        actions: vec![FileAction::Copy(mount_copy_action(0, src))],
     };
     let sources = [Some(SourceRoot {
         path: root,

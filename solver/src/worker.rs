@@ -486,8 +486,9 @@ impl RealWorker {
     }
 }
 
-/// An error with its causes, `outer: inner: innermost`.
-fn error_chain(e: &dyn std::error::Error) -> String {
+/// An error with its causes on one line, `outer: inner: innermost`, for errors reported
+/// as strings rather than through anyhow.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {
@@ -540,20 +541,7 @@ impl Worker for RealWorker {
                         ignore: self.ignore.as_ref(),
                         is_context: true,
                     };
-                    let action = strata_dag::CopyAction {
-                        src_input: *i,
-                        src: source.clone(),
-                        dest: "/".into(),
-                        owner: None,
-                        mode: None,
-                        follow_symlinks: true,
-                        dir_contents_only: true,
-                        allow_wildcard: false,
-                        allow_empty_wildcard: false,
-                        create_dest_path: true,
-                        attempt_unpack: false,
-                        exclude: vec![],
-                    };
+                    let action = crate::runmount::mount_copy_action(*i, source);
                     let sum =
                         checksum(&root, &action, &self.stat_cache).map_err(|e| e.to_string())?;
                     hasher.update(m.target.as_bytes());

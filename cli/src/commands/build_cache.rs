@@ -70,7 +70,7 @@ pub fn import_descriptions(
             Err(e) => progress.event(ProgressEvent::Info {
                 message: format!(
                     "WARNING: import build cache from {name}: {}",
-                    strata_cache::error_chain(&e)
+                    strata_solver::error_chain(&e)
                 ),
             }),
         }
