@@ -206,7 +206,7 @@ pub fn load(cli: &Cli, input: Option<&Path>, quiet: bool) -> Result<i32> {
     let path = match input {
         Some(p) if p != Path::new("-") => p,
         _ => {
-            let mut tmp = tempfile_in(&store.root)?;
+            let mut tmp = super::tempfile::tempfile_in(&store.root, "load")?;
             std::io::copy(&mut std::io::stdin().lock(), &mut tmp.1).context("read stdin")?;
             spooled = TempPath(tmp.0);
             spooled.0.as_path()
@@ -240,22 +240,6 @@ impl Drop for TempPath {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.0);
     }
-}
-
-fn tempfile_in(dir: &Path) -> Result<(std::path::PathBuf, std::fs::File)> {
-    for i in 0..100u32 {
-        let p = dir.join(format!(".load-{}-{i}", std::process::id()));
-        match std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&p)
-        {
-            Ok(f) => return Ok((p, f)),
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-            Err(e) => return Err(e).with_context(|| format!("create {}", p.display())),
-        }
-    }
-    bail!("create a temp file in {}", dir.display())
 }
 
 /// `strata push NAME`: the local image NAME to the registry NAME names.

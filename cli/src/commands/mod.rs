@@ -7,6 +7,7 @@ mod gc;
 mod image;
 mod images;
 mod outputs;
+mod tempfile;
 
 use anyhow::Result;
 

@@ -699,7 +699,8 @@ fn export_tar(store: &Store, result: &Ref, dest: Option<&Dest>, epoch: Option<i6
                 Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
                 _ => PathBuf::from("."),
             };
-            let tmp = tempfile_in(&dir)?;
+            // A new file beside the destination, renamed into place when complete.
+            let tmp = super::tempfile::tempfile_in(&dir, "strata-tar")?;
             {
                 let mut w = std::io::BufWriter::new(&tmp.1);
                 strata_snapshotter::layer::write_layer(root, &mut w, &opts)
@@ -712,23 +713,6 @@ fn export_tar(store: &Store, result: &Ref, dest: Option<&Dest>, epoch: Option<i6
         }
         None => bail!("output type=tar needs dest=PATH or dest=-"),
     })
-}
-
-/// A new file beside the destination, renamed into place when complete.
-fn tempfile_in(dir: &Path) -> Result<(PathBuf, std::fs::File)> {
-    for i in 0..100u32 {
-        let p = dir.join(format!(".strata-tar-{}-{i}", std::process::id()));
-        match std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&p)
-        {
-            Ok(f) => return Ok((p, f)),
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-            Err(e) => return Err(e).with_context(|| format!("create {}", p.display())),
-        }
-    }
-    bail!("create a temp file in {}", dir.display())
 }
 
 #[cfg(test)]
