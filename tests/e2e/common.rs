@@ -211,3 +211,22 @@ pub fn wait_for_step_output(log: &Path, marker: &str) {
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
 }
+
+/// Starts `strata build --progress=plain CTX` with its progress going to `log`, and returns
+/// the running build once a step has printed `marker` (see [`wait_for_step_output`]).
+pub fn spawn_build_until_output(
+    env: &TestEnv,
+    ctx: &Path,
+    log: &Path,
+    marker: &str,
+) -> std::process::Child {
+    let child = env
+        .strata()
+        .args(["build", "--progress=plain", ctx.to_str().unwrap()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .unwrap();
+    wait_for_step_output(log, marker);
+    child
+}

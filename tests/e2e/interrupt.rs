@@ -1,6 +1,5 @@
 //! An interrupted build leaves no mount behind, and the next build works.
 
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use crate::common::*;
@@ -24,14 +23,7 @@ fn interrupt_with(signal: libc::c_int) {
     let env = TestEnv::new();
     let ctx = slow_context(&env);
     let log = env.path("stderr.log");
-    let mut child = env
-        .strata()
-        .args(["build", "--progress=plain", ctx.to_str().unwrap()])
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    wait_for_step_output(&log, "started-slow-step");
+    let mut child = spawn_build_until_output(&env, &ctx, &log, "started-slow-step");
     unsafe {
         libc::kill(child.id() as i32, signal);
     }

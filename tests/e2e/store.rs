@@ -297,14 +297,7 @@ fn prune_reaps_the_snapshot_of_a_killed_build_and_crash_leftovers() {
         ),
     );
     let log = env.path("stderr.log");
-    let mut child = env
-        .strata()
-        .args(["build", "--progress=plain", ctx.to_str().unwrap()])
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    wait_for_step_output(&log, "started-slow-step");
+    let mut child = spawn_build_until_output(&env, &ctx, &log, "started-slow-step");
     let pid = child.id();
     unsafe {
         libc::kill(pid as i32, libc::SIGKILL);
@@ -502,14 +495,7 @@ fn prune_waits_for_a_running_build_and_never_pulls_its_snapshots_away() {
         ),
     );
     let log = env.path("build.log");
-    let mut build = env
-        .strata()
-        .args(["build", "--progress=plain", ctx.to_str().unwrap()])
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    wait_for_step_output(&log, "started-step");
+    let mut build = spawn_build_until_output(&env, &ctx, &log, "started-step");
     let prune_err = env.path("prune.log");
     let mut prune = env
         .strata()
