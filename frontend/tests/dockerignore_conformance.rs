@@ -3,36 +3,16 @@
 //! `../../shared/conformance` from this crate). Each harness runs every row and fails
 //! with the list of failing ones.
 
+mod common;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use common::{conformance_dir, read, report};
 use proptest::prelude::*;
 use strata_frontend::dockerignore::{
     legacy_matches, read_ignore_file, walk_context, MatchInfo, MatchType, PatternMatcher,
 };
-
-fn conformance_dir() -> PathBuf {
-    match std::env::var_os("STRATA_CONFORMANCE_DIR") {
-        Some(dir) => PathBuf::from(dir),
-        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/conformance"),
-    }
-}
-
-fn read(rel: &str) -> String {
-    let path = conformance_dir().join(rel);
-    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
-}
-
-fn report(name: &str, ran: usize, failures: &[String]) {
-    eprintln!("{name}: {ran} rows, {} failed", failures.len());
-    assert!(ran > 0, "{name}: no rows ran");
-    assert!(
-        failures.is_empty(),
-        "{name}: {} of {ran} rows failed:\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
-}
 
 /// A TSV file with a header row, as maps from column name to field.
 fn tsv(rel: &str) -> Vec<HashMap<String, String>> {

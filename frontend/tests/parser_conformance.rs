@@ -3,18 +3,14 @@
 //! Every case found on disk is run; failures are collected and reported together so one
 //! broken rule does not hide the others. Nothing here names a case: the layout decides.
 
+mod common;
+
 use std::fs;
 use std::path::{Path, PathBuf};
 
+use common::conformance_dir;
 use strata_frontend::instructions::from_ast;
 use strata_frontend::parser::{parse, Node};
-
-fn conformance_dir() -> PathBuf {
-    match std::env::var_os("STRATA_CONFORMANCE_DIR") {
-        Some(d) => PathBuf::from(d),
-        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/conformance"),
-    }
-}
 
 /// Sorted entries of `dir` (directories or files per `want_dirs`).
 fn entries(dir: &Path, want_dirs: bool) -> Result<Vec<PathBuf>, String> {

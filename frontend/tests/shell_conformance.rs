@@ -3,34 +3,13 @@
 //! `../../shared/conformance` from this crate). Each harness runs every row and fails
 //! with the list of failing ones.
 
-use std::collections::BTreeMap;
-use std::path::PathBuf;
+mod common;
 
+use std::collections::BTreeMap;
+
+use common::{read, report};
 use proptest::prelude::*;
 use strata_frontend::shell::{Lex, ShellError};
-
-fn conformance_dir() -> PathBuf {
-    match std::env::var_os("STRATA_CONFORMANCE_DIR") {
-        Some(dir) => PathBuf::from(dir),
-        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/conformance"),
-    }
-}
-
-fn read(rel: &str) -> String {
-    let path = conformance_dir().join(rel);
-    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
-}
-
-fn report(name: &str, ran: usize, failures: &[String]) {
-    eprintln!("{name}: {ran} rows, {} failed", failures.len());
-    assert!(ran > 0, "{name}: no rows ran");
-    assert!(
-        failures.is_empty(),
-        "{name}: {} of {ran} rows failed:\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
-}
 
 fn show(r: &Result<String, ShellError>) -> String {
     match r {
