@@ -9,6 +9,7 @@ use strata_dag::{Digest, Platform};
 use strata_exporter::{ImageRecord, ImageStore, StoredImage};
 use strata_registry::Reference;
 
+use super::gc::human_size;
 use crate::args::Cli;
 use crate::store::Store;
 
@@ -45,25 +46,6 @@ pub fn inspect(cli: &Cli, name: &str) -> Result<i32> {
     out.write_all(&bytes)?;
     out.write_all(b"\n")?;
     Ok(0)
-}
-
-fn human_size(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "kB", "MB", "GB", "TB"];
-    let mut v = bytes as f64;
-    let mut unit = 0;
-    while v >= 1000.0 && unit < UNITS.len() - 1 {
-        v /= 1000.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{bytes}B")
-    } else {
-        format!("{v:.3}")
-            .trim_end_matches('0')
-            .trim_end_matches('.')
-            .to_string()
-            + UNITS[unit]
-    }
 }
 
 fn human_age(created: Option<&str>) -> String {

@@ -5,22 +5,8 @@ use std::io::Read;
 use anyhow::{anyhow, bail, Result};
 use strata_exporter::ImageStore;
 
+use super::gc::human_size;
 use crate::args::Cli;
-
-fn human_size(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "kB", "MB", "GB", "TB"];
-    let mut v = bytes as f64;
-    let mut unit = 0;
-    while v >= 1000.0 && unit < UNITS.len() - 1 {
-        v /= 1000.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{bytes}B")
-    } else {
-        format!("{v:.3}{}", UNITS[unit]).replace(".000", "")
-    }
-}
 
 fn human_age(created: i64) -> String {
     let secs = (chrono::Utc::now().timestamp() - created).max(0);
