@@ -71,6 +71,22 @@ pub(crate) struct PreparedMounts {
     _locks: Vec<Flock<fs::File>>,
 }
 
+impl PreparedMounts {
+    /// Nothing prepared yet; what is added later is undone when this is dropped.
+    pub(crate) fn new(snapshotter: Arc<OverlaySnapshotter>) -> Self {
+        PreparedMounts {
+            mounts: Vec::new(),
+            env: Vec::new(),
+            snapshotter,
+            guards: Vec::new(),
+            snapshots: Vec::new(),
+            dirs: Vec::new(),
+            trees: Vec::new(),
+            _locks: Vec::new(),
+        }
+    }
+}
+
 impl Drop for PreparedMounts {
     fn drop(&mut self) {
         // Unmount before removing what was mounted; snapshots after their mounts.
@@ -113,16 +129,7 @@ impl MountContext<'_> {
 
     /// Prepares every mount of `exec` over `inputs`.
     pub(crate) fn prepare(&self, exec: &ExecOp, inputs: &[Ref]) -> Result<PreparedMounts, String> {
-        let mut p = PreparedMounts {
-            mounts: Vec::new(),
-            env: Vec::new(),
-            snapshotter: self.snapshotter.clone(),
-            guards: Vec::new(),
-            snapshots: Vec::new(),
-            dirs: Vec::new(),
-            trees: Vec::new(),
-            _locks: Vec::new(),
-        };
+        let mut p = PreparedMounts::new(self.snapshotter.clone());
         for m in &exec.mounts {
             self.prepare_one(m, inputs, &mut p)?;
         }
@@ -249,7 +256,7 @@ impl MountContext<'_> {
     /// The host directory holding input `i`: a read-only view of a snapshot, or (when
     /// `writable`) a throwaway active snapshot whose writes are discarded; the context
     /// itself, or an overlay on it when writable.
-    fn input_root(
+    pub(crate) fn input_root(
         &self,
         inputs: &[Ref],
         i: u32,

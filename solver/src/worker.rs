@@ -17,7 +17,7 @@ use crate::contenthash::checksum;
 use crate::contenthash::StatCache;
 use crate::fileop::{apply_file_op, SourceRoot};
 use crate::progress::{Progress, ProgressEvent};
-use crate::runmount::{MountContext, RunEnv, INSECURE_ENTITLEMENT};
+use crate::runmount::{MountContext, PreparedMounts, RunEnv, INSECURE_ENTITLEMENT};
 use crate::{CacheKey, Ref, Worker};
 
 /// Labels a committed layer snapshot carries about its blob (set when pulled or exported).
@@ -66,6 +66,16 @@ impl RealWorker {
             stat_cache,
             run_env: RunEnv::default(),
             pull_lock: Mutex::new(()),
+        }
+    }
+
+    fn mount_context(&self) -> MountContext<'_> {
+        MountContext {
+            snapshotter: &self.snapshotter,
+            mounts_dir: &self.mounts_dir,
+            run_env: &self.run_env,
+            temp_key: &Self::temp_key,
+            ignore: self.ignore.as_ref(),
         }
     }
 
@@ -303,14 +313,7 @@ impl RealWorker {
         };
         let description = meta.description.clone();
         // Dropped (unmounted, unlocked, removed) after the step, whatever its outcome.
-        let prepared = MountContext {
-            snapshotter: &self.snapshotter,
-            mounts_dir: &self.mounts_dir,
-            run_env: &self.run_env,
-            temp_key: &Self::temp_key,
-            ignore: self.ignore.as_ref(),
-        }
-        .prepare(exec, inputs)?;
+        let prepared = self.mount_context().prepare(exec, inputs)?;
         let mut env = exec.env.clone();
         env.extend(prepared.env.iter().cloned());
         for (k, v) in &self.run_env.proxy_env {
@@ -382,7 +385,9 @@ impl RealWorker {
             Some(i) => input_snapshot(inputs, i)?,
             None => String::new(),
         };
-        // Read-only views of the snapshot inputs that actions copy from.
+        // Read-only views of the snapshot inputs that actions copy from, undone when
+        // `views` is dropped, whatever happens. The context is read in place: the file op
+        // applies `.dockerignore` itself.
         let mut used: Vec<u32> = op
             .actions
             .iter()
@@ -393,65 +398,21 @@ impl RealWorker {
             .collect();
         used.sort_unstable();
         used.dedup();
-        let mut guards = Vec::new();
-        let mut view_keys = Vec::new();
+        let mount_context = self.mount_context();
+        let mut views = PreparedMounts::new(self.snapshotter.clone());
         let mut roots: Vec<Option<PathBuf>> = vec![None; inputs.len()];
         let mut is_context = vec![false; inputs.len()];
-        let cleanup = |guards: Vec<MountGuard>, view_keys: Vec<String>| {
-            drop(guards);
-            for k in view_keys {
-                let _ = self.snapshotter.remove(&k);
-            }
-        };
         for &i in &used {
-            match inputs.get(i as usize) {
+            roots[i as usize] = Some(match inputs.get(i as usize) {
                 Some(Ref::Local(p)) => {
-                    roots[i as usize] = Some(p.clone());
                     is_context[i as usize] = true;
+                    p.clone()
                 }
-                Some(Ref::Snapshot(name)) => {
-                    let vk = Self::temp_key("view");
-                    let mounts = match self.snapshotter.view(&vk, name) {
-                        Ok(m) => m,
-                        Err(e) => {
-                            cleanup(guards, view_keys);
-                            return Err(format!("view snapshot: {e}"));
-                        }
-                    };
-                    view_keys.push(vk.clone());
-                    let target = match self.mount_point(&vk) {
-                        Ok(t) => t,
-                        Err(e) => {
-                            cleanup(guards, view_keys);
-                            return Err(e);
-                        }
-                    };
-                    match MountGuard::mount(&mounts, &target) {
-                        Ok(g) => guards.push(g),
-                        Err(e) => {
-                            cleanup(guards, view_keys);
-                            return Err(format!("mount snapshot: {e}"));
-                        }
-                    }
-                    roots[i as usize] = Some(target);
-                }
-                Some(Ref::Scratch) => {
-                    let empty = match self.mount_point(&Self::temp_key("empty")) {
-                        Ok(t) => t,
-                        Err(e) => {
-                            cleanup(guards, view_keys);
-                            return Err(e);
-                        }
-                    };
-                    roots[i as usize] = Some(empty);
-                }
-                None => {
-                    cleanup(guards, view_keys);
-                    return Err(format!("file op reads missing input {i}"));
-                }
-            }
+                Some(_) => mount_context.input_root(inputs, i, false, &mut views)?,
+                None => return Err(format!("file op reads missing input {i}")),
+            });
         }
-        let result = self.with_active(&parent, key, BTreeMap::new(), |active, mounts| {
+        self.with_active(&parent, key, BTreeMap::new(), |active, mounts| {
             let target = self.mount_point(active)?;
             let guard =
                 MountGuard::mount(&mounts, &target).map_err(|e| format!("mount snapshot: {e}"))?;
@@ -475,14 +436,7 @@ impl RealWorker {
             let _ = std::fs::remove_dir(&target);
             applied?;
             unmounted
-        });
-        cleanup(guards, view_keys);
-        for r in roots.iter().flatten() {
-            if r.starts_with(&self.mounts_dir) {
-                let _ = std::fs::remove_dir(r);
-            }
-        }
-        result
+        })
     }
 }
 
