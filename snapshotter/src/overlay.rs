@@ -162,41 +162,21 @@ fn list(table: &impl ReadableTable<&'static str, &'static [u8]>) -> Result<Vec<(
     Ok(out)
 }
 
-impl Reader for WriteTransaction {
-    fn record(&self, key: &str) -> Result<Option<Record>> {
-        lookup(
-            &self
-                .open_table(SNAPSHOTS)
-                .map_err(db_err("open snapshots table"))?,
-            key,
-        )
-    }
-    fn records(&self) -> Result<Vec<(String, Record)>> {
-        list(
-            &self
-                .open_table(SNAPSHOTS)
-                .map_err(db_err("open snapshots table"))?,
-        )
-    }
+// Read and write transactions open the table as different types with the same methods.
+macro_rules! impl_reader {
+    ($($txn:ty),*) => {$(
+        impl Reader for $txn {
+            fn record(&self, key: &str) -> Result<Option<Record>> {
+                lookup(&self.open_table(SNAPSHOTS).map_err(db_err("open snapshots table"))?, key)
+            }
+            fn records(&self) -> Result<Vec<(String, Record)>> {
+                list(&self.open_table(SNAPSHOTS).map_err(db_err("open snapshots table"))?)
+            }
+        }
+    )*};
 }
 
-impl Reader for ReadTransaction {
-    fn record(&self, key: &str) -> Result<Option<Record>> {
-        lookup(
-            &self
-                .open_table(SNAPSHOTS)
-                .map_err(db_err("open snapshots table"))?,
-            key,
-        )
-    }
-    fn records(&self) -> Result<Vec<(String, Record)>> {
-        list(
-            &self
-                .open_table(SNAPSHOTS)
-                .map_err(db_err("open snapshots table"))?,
-        )
-    }
-}
+impl_reader!(WriteTransaction, ReadTransaction);
 
 fn put_record(tx: &WriteTransaction, key: &str, rec: &Record) -> Result<()> {
     let bytes = encode(rec)?;
