@@ -64,7 +64,7 @@ impl ImageResolver for RegistryResolver<'_> {
     }
 }
 
-fn parse_build_args(list: &[String]) -> BTreeMap<String, String> {
+pub(super) fn parse_build_args(list: &[String]) -> BTreeMap<String, String> {
     let mut map = BTreeMap::new();
     for a in list {
         match a.split_once('=') {

@@ -55,13 +55,8 @@ pub fn run(what: &DebugCommand) -> Result<i32> {
             let text = std::fs::read_to_string(file)
                 .with_context(|| format!("read {}", file.display()))?;
             let opts = ConvertOptions {
-                build_args: build_args
-                    .iter()
-                    .filter_map(|a| {
-                        a.split_once('=')
-                            .map(|(k, v)| (k.to_string(), v.to_string()))
-                    })
-                    .collect(),
+                // The same parsing as `build`, so both lower the same graph.
+                build_args: super::build::parse_build_args(build_args),
                 target: target.clone(),
                 dockerfile_name: file.display().to_string(),
                 ..Default::default()
