@@ -13,6 +13,7 @@ pub mod content;
 pub mod layer;
 pub mod mount;
 pub mod overlay;
+pub mod shared_db;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;

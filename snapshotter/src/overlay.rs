@@ -1,14 +1,12 @@
 //! Overlayfs snapshotter: metadata in `metadata.redb`, data in `snapshots/<id>/{fs,work}`.
 //!
-//! Concurrency: redb takes an exclusive lock on its file for as long as a `Database` is
-//! open, so two processes cannot keep it open together. Every operation therefore opens the
-//! database, runs one transaction and closes it again, serialised by a mutex inside the
-//! process and by an exclusive `flock` on `metadata.lock` across processes. Two
-//! `strata build`s on one root simply take turns for the few milliseconds an operation
-//! lasts (opening and closing redb costs a few fsyncs: about 5 ms for a read, 15-20 ms for
-//! a change on this VM); the snapshot data itself needs no lock (each snapshot has its own
-//! directory). Reads are answered from the records the last read or write of this process
-//! saw, as long as no write happened since (see `Cached`), without opening redb.
+//! Concurrency: the database is a [`SharedDb`]: a process keeps it open between
+//! operations and hands it over when another process waits for it (redb locks its file
+//! while open, and opening and closing it costs fdatasyncs). Threads of a process take
+//! turns at it. The records of the last read or write are kept beside the open database
+//! and answer reads without a transaction; they are dropped whenever the database is
+//! handed over and taken back, since another process may have written meanwhile. The
+//! snapshot data itself needs no lock (each snapshot has its own directory).
 //!
 //! Crash safety follows containerd: a snapshot directory is made as `snapshots/new-*` and
 //! renamed to its id inside the metadata transaction; removal renames it to `rm-<id>` in
@@ -21,16 +19,15 @@
 //! [`CHDIR_OPTION`]`<root>`, which [`crate::mount::mount_all`] honours.
 
 use std::collections::BTreeMap;
-use std::fs::{self, File, OpenOptions};
-use std::os::fd::AsRawFd;
+use std::fs;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use redb::{Database, ReadTransaction, ReadableTable, TableDefinition, WriteTransaction};
 use serde::{Deserialize, Serialize};
 
 use crate::mount::CHDIR_OPTION;
+use crate::shared_db::SharedDb;
 use crate::{Error, Info, Kind, Mount, Result, Snapshotter};
 
 const SNAPSHOTS: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshots");
@@ -61,55 +58,23 @@ impl Record {
     }
 }
 
-/// Both locks held; field order releases the flock before the process lock.
-struct Locked<'a> {
-    file: File,
-    guard: std::sync::MutexGuard<'a, Option<Cached>>,
-}
+/// Every record as of the last read or write of this process, kept while it holds the
+/// database (see the module doc).
+type Records = BTreeMap<String, Record>;
 
-/// Every record as of one state of the database, so reads need not open redb (each open
-/// and close of redb costs three fdatasyncs: 9 per warm big-context build, about 7 per
-/// RUN step).
-///
-/// It is valid while the [`Stamp`] it was loaded under is unchanged. Every write first
-/// puts a fresh, never repeated token into `metadata.lock` (under the flock, before its
-/// transaction begins), so after any write by any process the stamp differs and the next
-/// read reloads. A crash after the token but before the commit only costs a reload. The
-/// token needs no fsync: the caches it guards live in processes, which a machine crash
-/// ends too. The stamp also holds the database file's stat, which any open of redb
-/// changes (it rewrites its header), as a second guard against writers that do not write
-/// the token.
-struct Cached {
-    stamp: Stamp,
-    records: BTreeMap<String, Record>,
-}
-
-#[derive(PartialEq, Eq)]
-struct Stamp {
-    token: [u8; TOKEN_LEN],
-    db_stat: (i64, i64, i64, i64, u64, u64),
-}
-
-const TOKEN_LEN: usize = 24;
-
-impl Reader for Cached {
+impl Reader for Records {
     fn record(&self, key: &str) -> Result<Option<Record>> {
-        Ok(self.records.get(key).cloned())
+        Ok(self.get(key).cloned())
     }
     fn records(&self) -> Result<Vec<(String, Record)>> {
-        Ok(self
-            .records
-            .iter()
-            .map(|(k, r)| (k.clone(), r.clone()))
-            .collect())
+        Ok(self.iter().map(|(k, r)| (k.clone(), r.clone())).collect())
     }
 }
 
 pub struct OverlaySnapshotter {
     root: PathBuf,
-    /// Serialises database use within this process (the flock serialises processes), and
-    /// holds the records last read.
-    lock: Mutex<Option<Cached>>,
+    /// The metadata database, and the records last read or written while holding it.
+    db: SharedDb<Option<Records>>,
 }
 
 fn db_err<E: Into<redb::Error>>(action: &'static str) -> impl FnOnce(E) -> Error {
@@ -237,19 +202,15 @@ impl OverlaySnapshotter {
             .map_err(|e| Error::io(format!("create snapshotter root {}", root.display()), e))?;
         let root = fs::canonicalize(root)
             .map_err(|e| Error::io(format!("resolve snapshotter root {}", root.display()), e))?;
-        let s = OverlaySnapshotter {
-            root,
-            lock: Mutex::new(None),
-        };
+        let db = SharedDb::new(&root.join("metadata.redb"), &root.join("metadata.lock"));
+        let s = OverlaySnapshotter { root, db };
         // Creates the database and its tables up front so read paths never see a blank file.
         // A read finds them in every store but a new one, and costs no commit (a write
         // transaction's commit is the dearest part of opening a store on a warm build).
-        let ready = {
-            let _locked = s.lock_metadata()?;
-            let db = s.open_db()?;
+        let ready = s.with_db(|db, _| {
             let tx = db.begin_read().map_err(db_err("begin transaction"))?;
-            tx.open_table(SNAPSHOTS).is_ok() && tx.open_table(COUNTERS).is_ok()
-        };
+            Ok(tx.open_table(SNAPSHOTS).is_ok() && tx.open_table(COUNTERS).is_ok())
+        })?;
         if ready {
             return Ok(s);
         }
@@ -272,131 +233,49 @@ impl OverlaySnapshotter {
         self.root.join("snapshots").join(id.to_string())
     }
 
-    /// Takes the process lock and the file lock; both are released when the returned
-    /// guard drops. The database is only opened with it held.
-    fn lock_metadata(&self) -> Result<Locked<'_>> {
-        let guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
-        let lock_file: File = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .read(true)
-            .write(true)
-            .open(self.root.join("metadata.lock"))
-            .map_err(|e| Error::io("open metadata lock file", e))?;
-        loop {
-            // SAFETY: flock on a file descriptor we own for the duration of the call.
-            let rc = unsafe { libc::flock(lock_file.as_raw_fd(), libc::LOCK_EX) };
-            if rc == 0 {
-                break;
-            }
-            let err = std::io::Error::last_os_error();
-            if err.kind() != std::io::ErrorKind::Interrupted {
-                return Err(Error::io("lock metadata", err));
-            }
-        }
-        Ok(Locked {
-            file: lock_file,
-            guard,
-        })
+    fn with_db<T>(
+        &self,
+        f: impl FnOnce(&Database, &mut Option<Records>) -> Result<T>,
+    ) -> Result<T> {
+        self.db
+            .with(f)
+            .map_err(|e| Error::Metadata(format!("metadata database: {e}")))?
     }
 
-    /// Opens the database; only with [`Self::lock_metadata`] held.
-    fn open_db(&self) -> Result<Database> {
-        Database::create(self.root.join("metadata.redb")).map_err(db_err("open metadata database"))
-    }
-
-    /// The current [`Stamp`]; only with [`Self::lock_metadata`] held.
-    fn stamp(&self, locked: &Locked<'_>) -> Result<Stamp> {
-        use std::os::unix::fs::{FileExt, MetadataExt};
-        let mut token = [0u8; TOKEN_LEN];
-        let mut filled = 0;
-        while filled < TOKEN_LEN {
-            match locked.file.read_at(&mut token[filled..], filled as u64) {
-                Ok(0) => break,
-                Ok(n) => filled += n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(Error::io("read metadata token", e)),
-            }
-        }
-        let md = fs::metadata(self.root.join("metadata.redb"))
-            .map_err(|e| Error::io("stat metadata database", e))?;
-        Ok(Stamp {
-            token,
-            db_stat: (
-                md.mtime(),
-                md.mtime_nsec(),
-                md.ctime(),
-                md.ctime_nsec(),
-                md.size(),
-                md.ino(),
-            ),
-        })
-    }
-
-    /// Writes a token no earlier write used (this process's id, the time and a counter).
-    fn new_token(&self, locked: &Locked<'_>) -> Result<()> {
-        use std::os::unix::fs::FileExt;
-        use std::sync::atomic::{AtomicU64, Ordering};
-        static COUNTER: AtomicU64 = AtomicU64::new(0);
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(0);
-        let mut token = [0u8; TOKEN_LEN];
-        token[..8].copy_from_slice(&u64::from(std::process::id()).to_le_bytes());
-        token[8..16].copy_from_slice(&nanos.to_le_bytes());
-        token[16..].copy_from_slice(&COUNTER.fetch_add(1, Ordering::Relaxed).to_le_bytes());
-        locked
-            .file
-            .write_all_at(&token, 0)
-            .map_err(|e| Error::io("write metadata token", e))
+    /// Closes the metadata database now if this process holds it, so other processes on
+    /// the store need not wait for it to idle out (see [`SharedDb`]).
+    pub fn release(&self) {
+        self.db.release();
     }
 
     /// Runs `f` in one write transaction: every change commits together or not at all.
     fn write<T>(&self, f: impl FnOnce(&WriteTransaction) -> Result<T>) -> Result<T> {
-        let mut locked = self.lock_metadata()?;
-        // Before anything changes: from here on no cache (ours or another process's) is
-        // valid.
-        *locked.guard = None;
-        self.new_token(&locked)?;
-        let db = self.open_db()?;
-        let tx = db.begin_write().map_err(db_err("begin transaction"))?;
-        let value = f(&tx)?;
-        // The state this commit leaves, read inside it, so the reads after a write (a RUN
-        // step's mounts and stat after its prepare) need not open the database again.
-        let records: BTreeMap<String, Record> = tx.records()?.into_iter().collect();
-        tx.commit().map_err(db_err("commit transaction"))?;
-        drop(db);
-        // Taken after the database closed: closing rewrites its header.
-        let stamp = self.stamp(&locked)?;
-        *locked.guard = Some(Cached { stamp, records });
-        Ok(value)
+        self.with_db(|db, kept| {
+            // Whatever happens below, the kept records may no longer be the database's.
+            *kept = None;
+            let tx = db.begin_write().map_err(db_err("begin transaction"))?;
+            let value = f(&tx)?;
+            // The state this commit leaves, read inside it, so the reads after a write (a
+            // RUN step's mounts and stat after its prepare) need no transaction.
+            let records: Records = tx.records()?.into_iter().collect();
+            tx.commit().map_err(db_err("commit transaction"))?;
+            *kept = Some(records);
+            Ok(value)
+        })
     }
 
-    /// Runs `f` on the records as the last commit left them: from memory when no write
-    /// happened since they were read (see [`Cached`]), else read again in a read
-    /// transaction.
-    fn read<T>(&self, f: impl FnOnce(&Cached) -> Result<T>) -> Result<T> {
-        let mut locked = self.lock_metadata()?;
-        let stamp = self.stamp(&locked)?;
-        if let Some(c) = locked.guard.as_ref().filter(|c| c.stamp == stamp) {
-            return f(c);
-        }
-        *locked.guard = None;
-        let records = {
-            let db = self.open_db()?;
+    /// Runs `f` on the records as the last commit left them: the kept ones while this
+    /// process has held the database since reading them, else read again.
+    fn read<T>(&self, f: impl FnOnce(&Records) -> Result<T>) -> Result<T> {
+        self.with_db(|db, kept| {
+            if let Some(records) = kept.as_ref() {
+                return f(records);
+            }
             let tx = db.begin_read().map_err(db_err("begin transaction"))?;
-            let records: BTreeMap<String, Record> = tx.records()?.into_iter().collect();
-            records
-        };
-        // Taken after the database closed: closing rewrites its header.
-        let cached = Cached {
-            stamp: self.stamp(&locked)?,
-            records,
-        };
-        let value = f(&cached);
-        *locked.guard = Some(cached);
-        value
+            let records: Records = tx.records()?.into_iter().collect();
+            drop(tx);
+            f(kept.insert(records))
+        })
     }
 
     fn create(&self, kind: Kind, key: &str, parent: &str) -> Result<Vec<Mount>> {

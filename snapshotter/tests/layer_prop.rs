@@ -109,8 +109,13 @@ fn remove_any(p: &Path) {
     match fs::symlink_metadata(p) {
         Ok(m) if m.is_dir() => fs::remove_dir_all(p).unwrap(),
         Ok(_) => fs::remove_file(p).unwrap(),
-        // Missing, or a parent is not a directory: nothing to remove.
-        Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ENOTDIR)) => {}
+        // Missing, a parent is not a directory, or a parent is a symlink loop: nothing to
+        // remove.
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::ENOENT | libc::ENOTDIR | libc::ELOOP)
+            ) => {}
         Err(e) => panic!("stat {}: {e}", p.display()),
     }
 }

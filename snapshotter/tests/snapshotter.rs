@@ -423,9 +423,22 @@ fn cached_reads_see_other_handles_writes() {
     assert_eq!(a.stat("child").unwrap().parent.as_deref(), Some("base"));
     b.remove("child").unwrap();
     assert!(matches!(a.stat("child"), Err(Error::NotFound(_))));
-    // A writer that leaves the token alone: redb's own open rewrites the file's header.
+    // A writer outside the snapshotter that follows the lock protocol: once `a` let the
+    // database go, what it kept is not trusted again.
     assert!(a.stat("base").is_ok());
+    a.release();
+    b.release();
     {
+        let lock = std::fs::File::options()
+            .read(true)
+            .write(true)
+            .open(root.join("metadata.lock"))
+            .unwrap();
+        // SAFETY: flock on a descriptor owned here.
+        assert_eq!(
+            unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) },
+            0
+        );
         let db = redb::Database::create(root.join("metadata.redb")).unwrap();
         let tx = db.begin_write().unwrap();
         tx.open_table(redb::TableDefinition::<&str, &[u8]>::new("snapshots"))

@@ -2,8 +2,8 @@
 //!
 //! A record is written only after the result's snapshot is committed, and a hit is used only
 //! if the snapshot still exists, so a crash at any moment leaves a cache that has the step
-//! or not, never one pointing at missing data. The database is opened per operation so that
-//! several `strata` processes can share one store (redb locks the file while it is open).
+//! or not, never one pointing at missing data. Several `strata` processes share the database
+//! through [`SharedDb`] (redb locks the file while it is open).
 //!
 //! Per-key locks ([`KeyLock`], `flock` on `locks/<key hex>` beside the database) let builds
 //! on one store agree on who runs a step: the holder runs it and records it, the others
@@ -13,9 +13,9 @@ use std::fs::File;
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
 
 use redb::{Database, ReadableTable, TableDefinition};
+use strata_snapshotter::shared_db::SharedDb;
 
 use crate::{CacheKey, Ref};
 
@@ -91,39 +91,31 @@ impl Drop for KeyLock {
 /// redb-backed [`CacheStore`].
 pub struct DbCache {
     path: PathBuf,
-    /// Threads of this process take turns at the database: waiting here is served at
-    /// once, while redb's own lock (another process) can only be polled.
-    turn: std::sync::Mutex<()>,
+    /// Kept open between operations and handed to other processes when they wait for it.
+    db: SharedDb<()>,
 }
 
 impl DbCache {
     pub fn open(path: &Path) -> Result<Self, String> {
-        // Opening a redb database costs several fsyncs, so nothing is opened here: the
-        // first `put` makes the table, and reads before it find none.
+        // Nothing is opened here: the first `put` makes the table, and reads before it
+        // find none.
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::create_dir_all(parent)
                 .map_err(|e| format!("create {}: {e}", parent.display()))?;
         }
         Ok(DbCache {
             path: path.to_path_buf(),
-            turn: std::sync::Mutex::new(()),
+            db: SharedDb::new(path, &path.with_extension("lock")),
         })
     }
 
     fn with_db<T>(&self, f: impl FnOnce(&Database) -> Result<T, String>) -> Result<T, String> {
-        let _turn = self.turn.lock().map_err(|e| e.to_string())?;
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let mut wait = Duration::from_millis(2);
-        loop {
-            match Database::create(&self.path) {
-                Ok(db) => return f(&db),
-                Err(redb::DatabaseError::DatabaseAlreadyOpen) if Instant::now() < deadline => {
-                    std::thread::sleep(wait);
-                    wait = (wait * 2).min(Duration::from_millis(50));
-                }
-                Err(e) => return Err(format!("open {}: {e}", self.path.display())),
-            }
-        }
+        self.db.with(|db, _| f(db)).map_err(|e| e.to_string())?
+    }
+
+    /// Closes the database now if this process holds it (see [`SharedDb`]).
+    pub fn release(&self) {
+        self.db.release();
     }
 
     /// Every record, for garbage collection.
@@ -253,6 +245,7 @@ impl CacheStore for MemoryCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
     fn records_survive_reopen() {

@@ -121,6 +121,8 @@ fn prune_all_leaves_only_the_empty_structure_and_a_rebuild_runs_every_step() {
     assert_eq!(cache_records(&env), Vec::<String>::new());
     let structure: BTreeSet<String> = [
         "cache-mounts",
+        "cache-v1.lock",
+        "cache-v1.lock.want",
         "cache-v1.redb",
         "content",
         "content/blobs",
@@ -134,6 +136,7 @@ fn prune_all_leaves_only_the_empty_structure_and_a_rebuild_runs_every_step() {
         "mounts",
         "snapshots",
         "snapshots/metadata.lock",
+        "snapshots/metadata.lock.want",
         "snapshots/metadata.redb",
         "snapshots/snapshots",
         "store.lock",
