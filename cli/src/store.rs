@@ -213,7 +213,7 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 /// When each cache record (by key hex) was last written or hit, in milliseconds since
-/// the epoch: `<root>/usage-v1.json`, replaced whole (temp file, fsync, rename) under an
+/// the epoch: `<root>/usage-v1.json`, replaced whole (temp file, rename) under an
 /// exclusive flock on `<root>/usage-v1.lock`, so a crash leaves the old or the new table
 /// and concurrent builds never lose each other's times. Keys without a record are
 /// harmless (prune drops them); a record without a time counts from its snapshot's
@@ -267,12 +267,13 @@ impl UsageTable {
         let tmp = self
             .root
             .join(format!("usage-v1.json.tmp-{}", std::process::id()));
+        // No fsync: the times are only a hint for pruning order, and a table a crash
+        // leaves empty or old reads as "older" (see `read`), which is all losing them
+        // costs. The rename still keeps concurrent readers from seeing half a table.
         let write = || -> std::io::Result<()> {
             let mut file = File::create(&tmp)?;
             file.write_all(&bytes)?;
-            file.sync_all()?;
-            std::fs::rename(&tmp, &path)?;
-            File::open(&self.root)?.sync_all()
+            std::fs::rename(&tmp, &path)
         };
         write().with_context(|| format!("write {}", path.display()))
     }

@@ -63,13 +63,21 @@ impl ImageStore {
             created,
             size: record.size,
         };
-        self.update(|index| {
-            index
-                .images
-                .insert(format!("{}:{}", image.name, image.tag), image.clone());
-            true
+        let key = format!("{}:{}", image.name, image.tag);
+        let mut stored = image.clone();
+        self.update(|index| match index.images.get(&key) {
+            // Tagging the image a name already points at (a cached rebuild) changes
+            // nothing, not even the time it was tagged.
+            Some(old) if old.record == image.record => {
+                stored = old.clone();
+                false
+            }
+            _ => {
+                index.images.insert(key.clone(), image.clone());
+                true
+            }
         })?;
-        Ok(image)
+        Ok(stored)
     }
 
     pub fn get(&self, name: &str) -> Result<Option<StoredImage>> {

@@ -32,7 +32,7 @@ use redb::Database;
 /// How often the holder looks for waiters.
 pub const PROBE: Duration = Duration::from_millis(5);
 /// How long an unused database stays open.
-pub const IDLE: Duration = Duration::from_millis(500);
+pub const IDLE: Duration = Duration::from_secs(2);
 
 /// How long to wait for a database that another program (not following this protocol)
 /// keeps open before giving up.

@@ -16,6 +16,15 @@ fn rebuild_runs_nothing_and_a_changed_file_reruns_only_from_its_copy() {
         "{ran:?}"
     );
 
+    let inspect = || {
+        let out = run_ok(env.strata().args(["inspect", "cache:1"]));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let first_config = inspect();
+    // Config times have a resolution of seconds: make sure a time stamped by the rebuild
+    // would differ.
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+
     let second = env.build_ok(&["-t", "cache:1", ctx_s]);
     assert_eq!(
         executed_steps(&second),
@@ -23,6 +32,13 @@ fn rebuild_runs_nothing_and_a_changed_file_reruns_only_from_its_copy() {
         "a rebuild executed steps"
     );
     assert!(!cached_steps(&second).is_empty(), "{second}");
+    // As in BuildKit, history and `created` carry the times the layers were made, so the
+    // cached rebuild is the very same image.
+    assert_eq!(
+        inspect(),
+        first_config,
+        "a cached rebuild made a new config"
+    );
 
     // A touch changes no content: still all cached.
     let f = ctx.join("greeting.txt");
@@ -46,4 +62,5 @@ fn rebuild_runs_nothing_and_a_changed_file_reruns_only_from_its_copy() {
     // --no-cache runs everything again.
     let fourth = env.build_ok(&["--no-cache", "-t", "cache:1", ctx_s]);
     assert_eq!(executed_steps(&fourth).len(), 2, "{fourth}");
+    assert_ne!(inspect(), first_config, "re-made layers have new times");
 }

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use anyhow::{anyhow, bail, Context, Result};
-use strata_dag::image::ImageConfig;
+use strata_dag::image::{History, ImageConfig};
 use strata_exporter::{Compression, ImageRecord, ImageStore, LayerBlob};
 use strata_registry::Reference;
 use strata_snapshotter::layer::DiffOptions;
@@ -413,12 +413,19 @@ fn assemble_image(
             None => bail!("a layer was not exported"),
         }
     }
-    image.created = Some(created.to_string());
+    if epoch.is_none() {
+        layer_times(store, &chain, &mut image.history)?;
+    }
     for h in image.history.iter_mut() {
         if h.created.is_none() {
             h.created = Some(created.to_string());
         }
     }
+    image.created = match epoch {
+        None => image.history.iter().rev().find_map(|h| h.created.clone()),
+        Some(_) => None,
+    }
+    .or_else(|| Some(created.to_string()));
     image.rootfs.kind = "layers".into();
     image.rootfs.diff_ids = layers.iter().map(|l| l.diff_id.to_string()).collect();
     progress.event(ProgressEvent::Info {
@@ -434,6 +441,52 @@ fn assemble_image(
         &image,
         opts.oci_media_types,
     )?)
+}
+
+/// Dates history as BuildKit does without SOURCE_DATE_EPOCH: a layer's entry takes the
+/// time its snapshot was made, and an entry without a layer (ENV, CMD) the time of the
+/// first new layer after it, else of the layer before it. The image's own `created` is
+/// then the last entry's. So a cached rebuild writes the very same config and manifest
+/// (the same image ID) instead of a new one stamped with the build's time.
+fn layer_times(store: &Store, chain: &[String], history: &mut [History]) -> Result<()> {
+    let mut layer = 0;
+    for h in history.iter_mut().filter(|h| !h.empty_layer) {
+        if h.created.is_none() {
+            if let Some(name) = chain.get(layer) {
+                let made = store.snapshotter.stat(name)?.created;
+                h.created = chrono::DateTime::from_timestamp(made, 0)
+                    .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
+            }
+        }
+        layer += 1;
+    }
+    // The first new layer's time (or the last known one when none follows a gap) ...
+    let mut fill: Option<String> = None;
+    let mut gap = false;
+    for h in history.iter() {
+        match &h.created {
+            Some(t) => {
+                fill = Some(t.clone());
+                if gap {
+                    break;
+                }
+            }
+            None => gap = true,
+        }
+    }
+    // ... for the entries before any dated one; later ones take the time before them.
+    let mut gap = false;
+    for h in history.iter_mut() {
+        match &h.created {
+            Some(t) if gap => fill = Some(t.clone()),
+            Some(_) => {}
+            None => {
+                gap = true;
+                h.created = fill.clone();
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Images made so far, one per distinct [`ImageOptions`].
