@@ -449,8 +449,7 @@ fn assemble_image(
 /// then the last entry's. So a cached rebuild writes the very same config and manifest
 /// (the same image ID) instead of a new one stamped with the build's time.
 fn layer_times(store: &Store, chain: &[String], history: &mut [History]) -> Result<()> {
-    let mut layer = 0;
-    for h in history.iter_mut().filter(|h| !h.empty_layer) {
+    for (layer, h) in history.iter_mut().filter(|h| !h.empty_layer).enumerate() {
         if h.created.is_none() {
             if let Some(name) = chain.get(layer) {
                 let made = store.snapshotter.stat(name)?.created;
@@ -458,7 +457,6 @@ fn layer_times(store: &Store, chain: &[String], history: &mut [History]) -> Resu
                     .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
             }
         }
-        layer += 1;
     }
     // The first new layer's time (or the last known one when none follows a gap) ...
     let mut fill: Option<String> = None;
