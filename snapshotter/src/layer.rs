@@ -875,6 +875,9 @@ fn write_dir<W: Write>(out: &mut TarOut<W>, dir: &Path, rel: &[u8]) -> Result<()
                 None,
             )?;
         } else if ft.is_file() {
+            // Only paths inside this tree become hardlink entries, to the first of them
+            // written: an inode whose other links are outside it (an incremental COPY
+            // shares inodes with the previous snapshot) is a regular file here.
             if meta.nlink() > 1 {
                 let key = (meta.dev(), meta.ino());
                 if let Some(first) = out.links.get(&key).cloned() {

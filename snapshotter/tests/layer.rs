@@ -426,3 +426,67 @@ fn metacopy_uppers_are_refused() {
     let r = write_layer(src.path(), Vec::new(), &DiffOptions::default());
     assert!(matches!(r, Err(Error::InvalidArgument(_))), "{r:?}");
 }
+
+/// Builds the same upper twice, once with fresh files and once with every file a hardlink
+/// of an inode outside the upper (as an incremental COPY links files from the previous
+/// snapshot): `b` and `c` share one inode in both.
+fn upper_with_links(dir: &Path, outside: Option<&Path>) {
+    fs::create_dir_all(dir.join("d")).unwrap();
+    for (name, body) in [("a", "alpha"), ("d/b", "pair")] {
+        let path = dir.join(name);
+        match outside {
+            Some(o) => {
+                let src = o.join(name.replace('/', "_"));
+                fs::write(&src, body).unwrap();
+                fs::set_permissions(&src, fs::Permissions::from_mode(0o640)).unwrap();
+                set_mtime(&src, 1_000_000_000);
+                fs::hard_link(&src, &path).unwrap();
+            }
+            None => {
+                fs::write(&path, body).unwrap();
+                fs::set_permissions(&path, fs::Permissions::from_mode(0o640)).unwrap();
+                set_mtime(&path, 1_000_000_000);
+            }
+        }
+    }
+    fs::hard_link(dir.join("d/b"), dir.join("d/c")).unwrap();
+    set_mtime(&dir.join("d"), 1_000_000_000);
+}
+
+#[test]
+fn files_linked_from_outside_the_upper_are_regular_entries() {
+    let fresh = tempfile::tempdir().unwrap();
+    upper_with_links(fresh.path(), None);
+    let outside = tempfile::tempdir().unwrap();
+    let linked = tempfile::tempdir().unwrap();
+    upper_with_links(linked.path(), Some(outside.path()));
+    {
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(fs::metadata(linked.path().join("a")).unwrap().nlink(), 2);
+        assert_eq!(fs::metadata(linked.path().join("d/b")).unwrap().nlink(), 3);
+    }
+
+    let (tar, _) = layer_of(linked.path(), &DiffOptions::default());
+    let mut ar = tar::Archive::new(tar.as_slice());
+    let kinds: Vec<(String, tar::EntryType, u64)> = ar
+        .entries()
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            let name = String::from_utf8_lossy(&e.path_bytes()).into_owned();
+            (name, e.header().entry_type(), e.header().size().unwrap())
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        vec![
+            ("a".to_string(), tar::EntryType::Regular, 5),
+            ("d/".to_string(), tar::EntryType::Directory, 0),
+            ("d/b".to_string(), tar::EntryType::Regular, 4),
+            ("d/c".to_string(), tar::EntryType::Link, 0),
+        ],
+        "a link outside the tree is no tar hardlink; the first path of an inode inside it is the file"
+    );
+    // Byte for byte the layer of the same files copied fresh.
+    assert_eq!(tar, layer_of(fresh.path(), &DiffOptions::default()).0);
+}

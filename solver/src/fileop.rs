@@ -18,6 +18,7 @@ use strata_dag::{CopyAction, FileAction, FileOp, Owner, UserSpec};
 use strata_frontend::dockerignore::{PatternError, PatternMatcher};
 
 pub use crate::contenthash::{checksum, StatCache};
+use crate::incremental::{linkable, CopyManifest, DirCache, FileAttrs, PendingLinks, PreviousCopy};
 
 /// A root a COPY reads from: a mounted snapshot (another stage/image) or the local build context.
 #[derive(Clone, Copy, Debug)]
@@ -90,6 +91,63 @@ pub fn apply_file_op(
     op: &FileOp,
     inputs: &[Option<SourceRoot>],
 ) -> Result<(), FileOpError> {
+    apply_file_op_with(dest_root, op, inputs, &FileOpOptions::default()).map(|_| ())
+}
+
+/// Options of [`apply_file_op_with`].
+#[derive(Debug, Default)]
+pub struct FileOpOptions<'a> {
+    /// Record a [`CopyManifest`] of a context copy (see [`is_context_copy`]), with the
+    /// checksums of this stat cache: the one the step's cache key was computed with, so
+    /// recording reads no file.
+    pub stat_cache: Option<&'a StatCache>,
+    /// The previous result of the same step: unchanged files are linked from it (see
+    /// [`crate::incremental`]). Only used with `stat_cache`.
+    pub previous: Option<&'a PreviousCopy>,
+}
+
+/// What [`apply_file_op_with`] leaves to do and to keep.
+#[derive(Default)]
+pub struct FileOpOutcome {
+    /// The manifest of a context copy, when one was asked for.
+    pub manifest: Option<CopyManifest>,
+    /// Placeholders to replace by links with [`PendingLinks::finish`] once `dest_root` is
+    /// unmounted. Empty without a previous result.
+    pub links: PendingLinks,
+}
+
+/// Whether `op` is one COPY of the build context (no ADD archive unpacking): the steps
+/// whose results get a manifest and are copied incrementally. Other shapes may write a
+/// path twice in ways a per-file manifest cannot follow.
+pub fn is_context_copy(op: &FileOp, input_is_context: impl Fn(u32) -> bool) -> bool {
+    matches!(op.actions.as_slice(), [FileAction::Copy(c)] if !c.attempt_unpack && input_is_context(c.src_input))
+}
+
+/// [`apply_file_op`], recording a copy manifest and linking unchanged files from a
+/// previous result as `opts` asks.
+pub fn apply_file_op_with(
+    dest_root: &Path,
+    op: &FileOp,
+    inputs: &[Option<SourceRoot>],
+    opts: &FileOpOptions,
+) -> Result<FileOpOutcome, FileOpError> {
+    let context = |i: u32| {
+        inputs
+            .get(i as usize)
+            .copied()
+            .flatten()
+            .is_some_and(|r| r.is_context)
+    };
+    let mut rec = match opts.stat_cache {
+        Some(cache) if is_context_copy(op, context) => Some(Recorder {
+            cache,
+            previous: opts.previous,
+            prev_dirs: DirCache::default(),
+            manifest: CopyManifest::default(),
+            links: PendingLinks::default(),
+        }),
+        _ => None,
+    };
     for action in &op.actions {
         match action {
             FileAction::Copy(copy) => {
@@ -100,7 +158,7 @@ pub fn apply_file_op(
                     .ok_or(FileOpError::InputNotReadable {
                         index: copy.src_input,
                     })?;
-                do_copy(dest_root, &src, copy)?;
+                do_copy(dest_root, &src, copy, rec.as_mut())?;
             }
             FileAction::Mkdir {
                 path,
@@ -120,7 +178,13 @@ pub fn apply_file_op(
             } => do_rm(dest_root, path, *allow_not_found)?,
         }
     }
-    Ok(())
+    Ok(match rec {
+        Some(r) => FileOpOutcome {
+            manifest: Some(r.manifest),
+            links: r.links,
+        },
+        None => FileOpOutcome::default(),
+    })
 }
 
 // ---------------------------------------------------------------------------------------
@@ -869,13 +933,26 @@ fn set_times(path: &Path, atime: (i64, i64), mtime: (i64, i64)) -> Result<(), Fi
         .map_err(|e| io_err("set times of", path)(io::Error::from(e)))
 }
 
+/// The names of a path's extended attributes; `None` when they cannot be listed.
+fn xattr_names(src: &Path) -> Option<Vec<OsString>> {
+    xattr::list(src).ok().map(Iterator::collect)
+}
+
 /// Copies extended attributes; like BuildKit, a failure (unsupported fs, a security.* name
 /// the kernel refuses) is not an error.
-fn copy_xattrs(src: &Path, dst: &Path) {
-    let Ok(names) = xattr::list(src) else { return };
+fn copy_xattrs(src: &Path, dst: &Path, names: Option<&[OsString]>) {
+    let listed;
+    let names = match names {
+        Some(n) => n,
+        None => {
+            let Some(n) = xattr_names(src) else { return };
+            listed = n;
+            &listed
+        }
+    };
     for name in names {
-        if let Ok(Some(value)) = xattr::get(src, &name) {
-            let _ = xattr::set(dst, &name, &value);
+        if let Ok(Some(value)) = xattr::get(src, name) {
+            let _ = xattr::set(dst, name, &value);
         }
     }
 }
@@ -900,7 +977,9 @@ fn make_node(path: &Path, md: &Metadata) -> Result<(), FileOpError> {
     .map_err(|e| io_err("create device", path)(io::Error::from(e)))
 }
 
-fn copy_file_content(src: &Path, dst: &Path) -> Result<(), FileOpError> {
+/// Copies a regular file's content into a new file; returns the source's stat after the
+/// copy (to tell whether it changed while it was read).
+fn copy_file_content(src: &Path, dst: &Path) -> Result<Metadata, FileOpError> {
     let mut input = File::open(src).map_err(io_err("open", src))?;
     let mut output = OpenOptions::new()
         .write(true)
@@ -910,7 +989,31 @@ fn copy_file_content(src: &Path, dst: &Path) -> Result<(), FileOpError> {
         .open(dst)
         .map_err(io_err("create", dst))?;
     io::copy(&mut input, &mut output).map_err(io_err("copy to", dst))?;
-    Ok(())
+    input.metadata().map_err(io_err("stat", src))
+}
+
+/// An empty file where a link of the previous result will go (see [`crate::incremental`]).
+fn create_placeholder(dst: &Path) -> Result<(), FileOpError> {
+    OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(dst)
+        .map(drop)
+        .map_err(io_err("create", dst))
+}
+
+/// Whether a file is as it was when the walk stat'ed it (the identity the stat cache
+/// trusts for its checksum).
+fn unchanged(before: &Metadata, after: &Metadata) -> bool {
+    (
+        before.size(),
+        before.ino(),
+        before.mtime(),
+        before.mtime_nsec(),
+    ) == (after.size(), after.ino(), after.mtime(), after.mtime_nsec())
+        && (before.ctime(), before.ctime_nsec()) == (after.ctime(), after.ctime_nsec())
 }
 
 // ---------------------------------------------------------------------------------------
@@ -922,17 +1025,36 @@ struct CopyOpts {
     is_context: bool,
 }
 
-struct CopyVisitor<'a> {
+/// The manifest a context copy records, and the links it leaves for after the unmount.
+struct Recorder<'a> {
+    cache: &'a StatCache,
+    previous: Option<&'a PreviousCopy>,
+    prev_dirs: DirCache,
+    manifest: CopyManifest,
+    links: PendingLinks,
+}
+
+impl Recorder<'_> {
+    /// Something that is not a recorded file was written at `rel`.
+    fn forget(&mut self, rel: &Path) {
+        self.links.cancel(rel);
+        self.manifest.remove(rel);
+    }
+}
+
+struct CopyVisitor<'a, 'r> {
     opts: &'a CopyOpts,
+    dest_root: &'a Path,
     dst_top: PathBuf,
     /// Whether each open directory was created by this copy (the top one only gets the
     /// source's metadata when it was).
     created: Vec<bool>,
     /// (dev, ino) of multiply-linked source files -> their first copy in this source.
     links: &'a mut HashMap<(u64, u64), PathBuf>,
+    rec: Option<&'a mut Recorder<'r>>,
 }
 
-impl CopyVisitor<'_> {
+impl CopyVisitor<'_, '_> {
     fn target(&self, rel: &Path) -> PathBuf {
         if rel.as_os_str().is_empty() {
             self.dst_top.clone()
@@ -941,32 +1063,89 @@ impl CopyVisitor<'_> {
         }
     }
 
-    fn apply_meta(&self, e: &WalkEntry, dst: &Path) -> Result<(), FileOpError> {
+    /// Owner, permission bits, size and times the copy of `e` gets.
+    fn attrs(&self, e: &WalkEntry) -> FileAttrs {
         let (uid, gid) = match self.opts.owner {
             Some(o) => o,
             None if self.opts.is_context => (0, 0),
             None => (e.md.uid(), e.md.gid()),
         };
-        lchown_if_needed(dst, uid, gid)?;
+        let mut perm = e.md.mode() & 0o7777;
+        if let Some(m) = self.opts.mode {
+            perm = (perm & !0o777) | (m & 0o777);
+        }
+        FileAttrs {
+            uid,
+            gid,
+            perm,
+            size: e.md.size(),
+            atime: (e.md.atime(), e.md.atime_nsec()),
+            mtime: (e.md.mtime(), e.md.mtime_nsec()),
+        }
+    }
+
+    fn apply_meta(
+        &self,
+        e: &WalkEntry,
+        dst: &Path,
+        xattrs: Option<&[OsString]>,
+    ) -> Result<(), FileOpError> {
+        let a = self.attrs(e);
+        lchown_if_needed(dst, a.uid, a.gid)?;
         if !e.md.file_type().is_symlink() {
-            let mut perm = e.md.mode() & 0o7777;
-            if let Some(m) = self.opts.mode {
-                perm = (perm & !0o777) | (m & 0o777);
-            }
-            fs::set_permissions(dst, fs::Permissions::from_mode(perm))
+            fs::set_permissions(dst, fs::Permissions::from_mode(a.perm))
                 .map_err(io_err("chmod", dst))?;
         }
-        set_times(
-            dst,
-            (e.md.atime(), e.md.atime_nsec()),
-            (e.md.mtime(), e.md.mtime_nsec()),
-        )?;
-        copy_xattrs(e.abs, dst);
+        set_times(dst, a.atime, a.mtime)?;
+        copy_xattrs(e.abs, dst, xattrs);
+        Ok(())
+    }
+
+    /// A regular, singly-linked source file of a recorded context copy: linked from the
+    /// previous result when that file stands for a fresh copy (a placeholder now, the link
+    /// after the unmount), else copied; either way recorded in the manifest when its
+    /// content is known.
+    fn copy_recorded(&mut self, e: &WalkEntry, dst: &Path) -> Result<(), FileOpError> {
+        let rel = dst.strip_prefix(self.dest_root).ok().map(Path::to_path_buf);
+        let attrs = self.attrs(e);
+        let names = xattr_names(e.abs);
+        // Files with xattrs are never recorded: their copy is not described by the
+        // content checksum and attributes alone.
+        let plain = names.as_ref().is_some_and(Vec::is_empty);
+        let digest = match (self.rec.as_deref(), &rel) {
+            (Some(rec), Some(_)) if plain => Some(rec.cache.file_digest(
+                e.root_rel.as_os_str().as_bytes(),
+                e.abs,
+                e.md,
+            )?),
+            _ => None,
+        };
+        if let (Some(rec), Some(rel), Some(d)) = (self.rec.as_deref_mut(), &rel, digest) {
+            if let Some(prev) = rec.previous {
+                if let Some(id) = linkable(prev, &mut rec.prev_dirs, rel, &d, &attrs) {
+                    create_placeholder(dst)?;
+                    rec.links.add(rel, e.abs, attrs, id);
+                    rec.manifest.insert(rel, d);
+                    return Ok(());
+                }
+            }
+        }
+        if let (Some(rec), Some(rel)) = (self.rec.as_deref_mut(), &rel) {
+            rec.forget(rel);
+        }
+        let after = copy_file_content(e.abs, dst)?;
+        self.apply_meta(e, dst, names.as_deref())?;
+        if let (Some(rec), Some(rel), Some(d)) = (self.rec.as_deref_mut(), &rel, digest) {
+            // Changed since its checksum was taken: what was copied is not known.
+            if unchanged(e.md, &after) {
+                rec.manifest.insert(rel, d);
+            }
+        }
         Ok(())
     }
 }
 
-impl Visitor for CopyVisitor<'_> {
+impl Visitor for CopyVisitor<'_, '_> {
     fn visit(&mut self, event: WalkEvent, e: &WalkEntry) -> Result<(), FileOpError> {
         let dst = self.target(e.rel);
         let top = e.rel.as_os_str().is_empty();
@@ -992,7 +1171,7 @@ impl Visitor for CopyVisitor<'_> {
             WalkEvent::DirEnd => {
                 let created = self.created.pop().unwrap_or(false);
                 if !top || created {
-                    self.apply_meta(e, &dst)?;
+                    self.apply_meta(e, &dst, None)?;
                 }
             }
             WalkEvent::Leaf => {
@@ -1002,6 +1181,14 @@ impl Visitor for CopyVisitor<'_> {
                     Err(_) => {}
                 }
                 let ft = e.md.file_type();
+                if ft.is_file() && e.md.nlink() == 1 && self.rec.is_some() {
+                    return self.copy_recorded(e, &dst);
+                }
+                if let Some(rec) = self.rec.as_deref_mut() {
+                    if let Ok(rel) = dst.strip_prefix(self.dest_root) {
+                        rec.forget(rel);
+                    }
+                }
                 if ft.is_file() {
                     let key = (e.md.dev(), e.md.ino());
                     if e.md.nlink() > 1 {
@@ -1023,14 +1210,19 @@ impl Visitor for CopyVisitor<'_> {
                     }
                     make_node(&dst, e.md)?;
                 }
-                self.apply_meta(e, &dst)?;
+                self.apply_meta(e, &dst, None)?;
             }
         }
         Ok(())
     }
 }
 
-fn do_copy(dest_root: &Path, src: &SourceRoot, action: &CopyAction) -> Result<(), FileOpError> {
+fn do_copy(
+    dest_root: &Path,
+    src: &SourceRoot,
+    action: &CopyAction,
+    mut rec: Option<&mut Recorder>,
+) -> Result<(), FileOpError> {
     let dest = clean_keep_slash(&action.dest);
     if !action.create_dest_path {
         let p = resolve_in_root(dest_root, &action.dest, true)?;
@@ -1060,7 +1252,17 @@ fn do_copy(dest_root: &Path, src: &SourceRoot, action: &CopyAction) -> Result<()
         // BuildKit runs one copier per wildcard match: hardlinks are kept within a source,
         // not between two matches.
         let mut links = HashMap::new();
-        copy_one(dest_root, src, s, &dest, action, &opts, &filter, &mut links)?;
+        copy_one(
+            dest_root,
+            src,
+            s,
+            &dest,
+            action,
+            &opts,
+            &filter,
+            &mut links,
+            rec.as_deref_mut(),
+        )?;
     }
     Ok(())
 }
@@ -1075,6 +1277,7 @@ fn copy_one(
     opts: &CopyOpts,
     filter: &Filter,
     links: &mut HashMap<(u64, u64), PathBuf>,
+    rec: Option<&mut Recorder>,
 ) -> Result<(), FileOpError> {
     // fsutil first makes sure the destination's directory exists: `/a/b` -> `/a/`, while
     // `/a/b/` (or `/a/b/.`) is itself that directory.
@@ -1108,9 +1311,11 @@ fn copy_one(
 
     let mut v = CopyVisitor {
         opts,
+        dest_root,
         dst_top: dest_root.join(&dst_rel),
         created: Vec::new(),
         links,
+        rec,
     };
     walk_source(src.path, &s.resolved, filter, &mut v)
 }

@@ -26,6 +26,7 @@
 pub mod cache;
 pub mod contenthash;
 pub mod fileop;
+pub mod incremental;
 pub mod progress;
 pub mod runmount;
 pub mod worker;

@@ -15,7 +15,10 @@ use strata_snapshotter::{OverlaySnapshotter, Snapshotter};
 
 use crate::contenthash::checksum;
 use crate::contenthash::StatCache;
-use crate::fileop::{apply_file_op, SourceRoot};
+use crate::fileop::{
+    apply_file_op_with, is_context_copy, FileOpOptions, FileOpOutcome, SourceRoot,
+};
+use crate::incremental::{CopyManifest, PreviousCopy, MANIFEST_FILE};
 use crate::progress::{Progress, ProgressEvent};
 use crate::runmount::{MountContext, PreparedMounts, RunEnv, INSECURE_ENTITLEMENT};
 use crate::{CacheKey, Ref, Worker};
@@ -24,6 +27,10 @@ use crate::{CacheKey, Ref, Worker};
 pub const LABEL_BLOB: &str = "strata.io/blob";
 /// The cache key a result snapshot was made for (informational).
 pub const LABEL_CACHE_KEY: &str = "strata.io/cache-key";
+/// On the result of a context COPY: the digest of its node (which does not depend on the
+/// context's content), so the next run of the step finds this result and its copy manifest
+/// to link unchanged files from (see [`crate::incremental`]).
+pub const LABEL_COPY_STEP: &str = "strata.io/copy-step";
 
 /// Everything a build needs from the store and the client.
 pub struct RealWorker {
@@ -39,6 +46,9 @@ pub struct RealWorker {
     pub stat_cache: Arc<StatCache>,
     /// Secrets, ssh sockets, entitlements and the cache mount dir for RUN steps.
     pub run_env: RunEnv,
+    /// Link unchanged files of a context COPY from the previous result of the same step
+    /// (off for `--no-cache`: such a build reuses nothing a previous build made).
+    pub reuse_previous_copies: bool,
     /// Serializes pulls of one chain so two nodes never apply the same layer at once.
     pull_lock: Mutex<()>,
 }
@@ -65,6 +75,7 @@ impl RealWorker {
             ignore,
             stat_cache,
             run_env: RunEnv::default(),
+            reuse_previous_copies: true,
             pull_lock: Mutex::new(()),
         }
     }
@@ -380,7 +391,15 @@ impl RealWorker {
         })
     }
 
-    fn exec_file(&self, op: &FileOp, key: &CacheKey, inputs: &[Ref]) -> Result<Ref, String> {
+    fn exec_file(
+        &self,
+        node: &Node,
+        op: &FileOp,
+        meta: &NodeMeta,
+        key: &CacheKey,
+        inputs: &[Ref],
+        progress: &dyn Progress,
+    ) -> Result<Ref, String> {
         let parent = match op.base_input {
             Some(i) => input_snapshot(inputs, i)?,
             None => String::new(),
@@ -412,7 +431,23 @@ impl RealWorker {
                 None => return Err(format!("file op reads missing input {i}")),
             });
         }
-        self.with_active(&parent, key, BTreeMap::new(), |active, mounts| {
+        // A context COPY records what it copied, labelled with its step, and links what is
+        // unchanged since the step's previous result.
+        let record = is_context_copy(op, |i| is_context.get(i as usize) == Some(&true));
+        let mut labels = BTreeMap::new();
+        let mut previous = None;
+        if record {
+            let step = node.digest().hex().to_string();
+            if self.reuse_previous_copies {
+                previous = self.previous_copy(&step);
+            }
+            labels.insert(LABEL_COPY_STEP.to_string(), step);
+        }
+        let opts = FileOpOptions {
+            stat_cache: record.then_some(&*self.stat_cache),
+            previous: previous.as_ref(),
+        };
+        self.with_active(&parent, key, labels, |active, mounts| {
             let target = self.mount_point(active)?;
             let guard =
                 MountGuard::mount(&mounts, &target).map_err(|e| format!("mount snapshot: {e}"))?;
@@ -431,12 +466,86 @@ impl RealWorker {
                     })
                 })
                 .collect();
-            let applied = apply_file_op(&target, op, &sources).map_err(|e| error_chain(&e));
+            let applied =
+                apply_file_op_with(&target, op, &sources, &opts).map_err(|e| error_chain(&e));
             let unmounted = guard.unmount().map_err(|e| format!("unmount: {e}"));
             let _ = std::fs::remove_dir(&target);
-            applied?;
-            unmounted
+            let outcome = applied?;
+            unmounted?;
+            self.finish_copy(
+                active,
+                outcome,
+                previous.as_ref(),
+                progress,
+                &meta.description,
+            )
         })
+    }
+
+    /// The most recent committed result of the context COPY `step` that has a manifest.
+    fn previous_copy(&self, step: &str) -> Option<PreviousCopy> {
+        let mut found: Vec<(i64, u128, String)> = Vec::new();
+        self.snapshotter
+            .walk(&mut |info| {
+                if info.kind == strata_snapshotter::Kind::Committed
+                    && info.labels.get(LABEL_COPY_STEP).map(String::as_str) == Some(step)
+                {
+                    // Result names end in their commit time in nanoseconds.
+                    let nanos = info.name.rsplit('-').next().and_then(|n| n.parse().ok());
+                    found.push((info.created, nanos.unwrap_or(0), info.name.clone()));
+                }
+            })
+            .ok()?;
+        found.sort();
+        found.iter().rev().find_map(|(_, _, name)| {
+            let upper = self.snapshotter.upper_dir(name).ok()?;
+            let manifest = CopyManifest::load(&upper.parent()?.join(MANIFEST_FILE))?;
+            PreviousCopy::open(&upper, manifest).ok()
+        })
+    }
+
+    /// After a file op's snapshot is unmounted: turns its placeholders into links of the
+    /// previous result and stores its copy manifest beside the upper dir (inside the
+    /// snapshot's directory, so it goes with the snapshot and exists only once the
+    /// snapshot is committed).
+    fn finish_copy(
+        &self,
+        active: &str,
+        outcome: FileOpOutcome,
+        previous: Option<&PreviousCopy>,
+        progress: &dyn Progress,
+        description: &str,
+    ) -> Result<(), String> {
+        if outcome.manifest.is_none() && outcome.links.is_empty() {
+            return Ok(());
+        }
+        let upper = self
+            .snapshotter
+            .upper_dir(active)
+            .map_err(|e| format!("find snapshot directory: {e}"))?;
+        if let Some(prev) = previous.filter(|_| !outcome.links.is_empty()) {
+            let report = outcome
+                .links
+                .finish(&upper, prev)
+                .map_err(|e| error_chain(&e))?;
+            let mut line = format!(
+                "linked {} unchanged files from the previous result",
+                report.linked
+            );
+            if report.copied > 0 {
+                line.push_str(&format!(" (copied {}: link failed)", report.copied));
+            }
+            progress.event(ProgressEvent::Output {
+                description: description.to_string(),
+                line,
+            });
+        }
+        if let (Some(manifest), Some(dir)) = (outcome.manifest, upper.parent()) {
+            // Without a manifest the next run copies everything: slower, never wrong, so a
+            // failed write does not fail the step.
+            let _ = manifest.save(&dir.join(MANIFEST_FILE));
+        }
+        Ok(())
     }
 }
 
@@ -546,7 +655,7 @@ impl Worker for RealWorker {
             }
             Op::Source(SourceOp::Local { .. }) => Ok(Ref::Local(self.context_dir.clone())),
             Op::Exec(exec) => self.exec_run(exec, meta, key, inputs, progress),
-            Op::File(op) => self.exec_file(op, key, inputs),
+            Op::File(op) => self.exec_file(node, op, meta, key, inputs, progress),
             Op::Merge => Err("merge ops are not supported yet".into()),
         }
     }

@@ -10,6 +10,7 @@ mod conformance;
 mod diagnostics;
 mod errors;
 mod exporter;
+mod incremental_copy;
 mod interrupt;
 mod run_mounts;
 mod solver;

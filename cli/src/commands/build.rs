@@ -226,6 +226,7 @@ pub fn run(cli: &Cli, args: &BuildArgs) -> Result<i32> {
         stat_cache.clone(),
     );
     worker.run_env = run_env;
+    worker.reuse_previous_copies = !args.no_cache;
     let parallelism = args.max_parallelism.unwrap_or_else(|| {
         std::thread::available_parallelism()
             .map(|n| n.get())

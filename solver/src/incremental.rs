@@ -1,0 +1,496 @@
+//! Incremental COPY of the build context: when a context COPY misses the cache, the files
+//! whose source is unchanged since the previous result of the same step are hard-linked
+//! from that result's upper dir instead of copied.
+//!
+//! - Every context COPY records a [`CopyManifest`] next to its snapshot's upper dir: for
+//!   each destination file, the blake3 of the content it was copied from (the stat cache's
+//!   checksum, so recording costs no reads when the cache key was just computed). Only
+//!   plain files are recorded: one source inode per destination (no source hardlinks) and
+//!   no xattrs, so the recorded file is fully described by its content, owner, mode, size
+//!   and times.
+//! - On the next run, a file is linked only when its content checksum equals the
+//!   manifest's AND the previous inode's owner, permission bits, size and mtime (with
+//!   nanoseconds) equal what a fresh copy would get; anything else is copied as before.
+//!   A linked inode is never chmod-ed, chown-ed or touched: attributes go only to fresh
+//!   copies. Committed snapshots never change and overlayfs copies a lower file up before
+//!   writing it, so the shared inode stays as it is in both results.
+//! - The links cannot be made while the active snapshot is mounted (changing an overlay's
+//!   upper dir under a mounted overlay is undefined), so the copy creates an empty
+//!   placeholder through the overlay at each such path (which makes the parent
+//!   directories and their times exactly what a full copy makes) and [`PendingLinks::finish`]
+//!   swaps the placeholders for links once it is unmounted, then restores the times of the
+//!   directories it touched. A link that fails (the previous snapshot was pruned meanwhile,
+//!   `EXDEV`, a different inode) falls back to copying the file there.
+
+use std::collections::{BTreeMap, HashMap};
+use std::ffi::{CString, OsStr, OsString};
+use std::fs::{self, File};
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+use crate::fileop::{io_err, FileOpError};
+
+/// The manifest's file name, in the snapshot's directory beside its upper dir (`fs/`), so it
+/// is made before the commit and removed with the snapshot.
+pub const MANIFEST_FILE: &str = "copy-manifest";
+
+const MAGIC: &[u8] = b"STRATA-COPY-MANIFEST-1\n";
+const PATH_DOMAIN: &[u8] = b"strata-copy-manifest-path-v1\0";
+
+/// 128 bits of blake3 of a destination path: keeps a 20,000-file manifest under 1 MB.
+type PathKey = [u8; 16];
+
+fn path_key(rel: &Path) -> PathKey {
+    let mut h = blake3::Hasher::new();
+    h.update(PATH_DOMAIN);
+    h.update(rel.as_os_str().as_bytes());
+    let mut key = [0u8; 16];
+    key.copy_from_slice(&h.finalize().as_bytes()[..16]);
+    key
+}
+
+/// What a context COPY wrote: destination path (relative to the root filesystem, as in the
+/// snapshot's upper dir) -> blake3 of the content copied there.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CopyManifest {
+    entries: HashMap<PathKey, [u8; 32]>,
+}
+
+impl CopyManifest {
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    pub(crate) fn insert(&mut self, rel: &Path, digest: [u8; 32]) {
+        self.entries.insert(path_key(rel), digest);
+    }
+
+    pub(crate) fn remove(&mut self, rel: &Path) {
+        self.entries.remove(&path_key(rel));
+    }
+
+    pub fn get(&self, rel: &Path) -> Option<&[u8; 32]> {
+        self.entries.get(&path_key(rel))
+    }
+
+    /// Magic, count, sorted entries, then a blake3 of all of it: a torn or corrupt file is
+    /// detected on load and simply not used.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut sorted: Vec<_> = self.entries.iter().collect();
+        sorted.sort();
+        let mut out = Vec::with_capacity(MAGIC.len() + 8 + sorted.len() * 48 + 32);
+        out.extend_from_slice(MAGIC);
+        out.extend_from_slice(&(sorted.len() as u64).to_le_bytes());
+        for (k, d) in sorted {
+            out.extend_from_slice(k);
+            out.extend_from_slice(d);
+        }
+        let sum = blake3::hash(&out);
+        out.extend_from_slice(sum.as_bytes());
+        out
+    }
+
+    pub fn decode(bytes: &[u8]) -> Option<Self> {
+        let body_len = bytes.len().checked_sub(32)?;
+        let (body, sum) = bytes.split_at(body_len);
+        if blake3::hash(body).as_bytes() != sum {
+            return None;
+        }
+        let rest = body.strip_prefix(MAGIC)?;
+        let (count, rest) = rest.split_at_checked(8)?;
+        let count = usize::try_from(u64::from_le_bytes(count.try_into().ok()?)).ok()?;
+        if rest.len() != count.checked_mul(48)? {
+            return None;
+        }
+        let mut entries = HashMap::with_capacity(count);
+        for chunk in rest.chunks_exact(48) {
+            let (k, d) = chunk.split_at(16);
+            entries.insert(k.try_into().ok()?, d.try_into().ok()?);
+        }
+        Some(CopyManifest { entries })
+    }
+
+    /// The manifest stored at `path`; `None` when missing, torn or corrupt.
+    pub fn load(path: &Path) -> Option<Self> {
+        Self::decode(&fs::read(path).ok()?)
+    }
+
+    /// Writes the manifest (temp file + rename). No fsync: the snapshot's own files are not
+    /// synced either, a torn manifest fails its checksum and is ignored, and every linked
+    /// file is checked against the previous inode's size and times anyway.
+    pub fn save(&self, path: &Path) -> Result<(), FileOpError> {
+        let mut tmp = path.as_os_str().to_os_string();
+        tmp.push(".tmp");
+        let tmp = PathBuf::from(tmp);
+        fs::write(&tmp, self.encode()).map_err(io_err("write copy manifest", &tmp))?;
+        fs::rename(&tmp, path).map_err(|e| {
+            let _ = fs::remove_file(&tmp);
+            io_err("write copy manifest", path)(e)
+        })
+    }
+}
+
+/// What a fresh copy gives a file: owner, permission bits (incl. setuid/setgid/sticky),
+/// size and times. A previous inode stands for a copy only if all of these but the access
+/// time (never part of an image) are equal.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct FileAttrs {
+    pub uid: u32,
+    pub gid: u32,
+    pub perm: u32,
+    pub size: u64,
+    pub atime: (i64, i64),
+    pub mtime: (i64, i64),
+}
+
+/// The previous result of the same step: its upper dir and manifest.
+pub struct PreviousCopy {
+    upper: PathBuf,
+    root: OwnedFd,
+    manifest: CopyManifest,
+}
+
+impl std::fmt::Debug for PreviousCopy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PreviousCopy")
+            .field("upper", &self.upper)
+            .field("entries", &self.manifest.len())
+            .finish()
+    }
+}
+
+impl PreviousCopy {
+    /// Opens the previous result's upper dir (kept open, so paths below it resolve from it).
+    pub fn open(upper: &Path, manifest: CopyManifest) -> Result<Self, FileOpError> {
+        let root = File::open(upper).map_err(io_err("open previous result", upper))?;
+        Ok(PreviousCopy {
+            upper: upper.to_path_buf(),
+            root: OwnedFd::from(root),
+            manifest,
+        })
+    }
+
+    pub fn upper(&self) -> &Path {
+        &self.upper
+    }
+
+    pub fn manifest(&self) -> &CopyManifest {
+        &self.manifest
+    }
+}
+
+/// The last directory of the previous result looked into, kept open: a copy visits the
+/// files of one directory one after another.
+#[derive(Default)]
+pub(crate) struct DirCache {
+    dir: Option<(PathBuf, OwnedFd)>,
+}
+
+impl DirCache {
+    fn get(&mut self, root: &OwnedFd, dir: &Path) -> Option<&OwnedFd> {
+        if self.dir.as_ref().is_none_or(|(d, _)| d != dir) {
+            self.dir = None;
+            let fd = open_beneath(root, dir, libc::O_PATH | libc::O_DIRECTORY).ok()?;
+            self.dir = Some((dir.to_path_buf(), fd));
+        }
+        self.dir.as_ref().map(|(_, fd)| fd)
+    }
+}
+
+/// (dev, ino) of the previous result's file at `rel` when it can stand for a fresh copy
+/// of content `digest` with `attrs`.
+pub(crate) fn linkable(
+    prev: &PreviousCopy,
+    cache: &mut DirCache,
+    rel: &Path,
+    digest: &[u8; 32],
+    attrs: &FileAttrs,
+) -> Option<(u64, u64)> {
+    if prev.manifest.get(rel) != Some(digest) {
+        return None;
+    }
+    let name = rel.file_name()?;
+    let dir = cache.get(&prev.root, rel.parent().unwrap_or(Path::new("")))?;
+    let st = stat_at(dir, name).ok().flatten()?;
+    same_attrs(&st, attrs).then_some((st.st_dev, st.st_ino))
+}
+
+/// Whether an inode is a regular file with the attributes a fresh copy gets.
+fn same_attrs(st: &libc::stat, attrs: &FileAttrs) -> bool {
+    st.st_mode & libc::S_IFMT == libc::S_IFREG
+        && st.st_mode & 0o7777 == attrs.perm
+        && st.st_uid == attrs.uid
+        && st.st_gid == attrs.gid
+        && u64::try_from(st.st_size).ok() == Some(attrs.size)
+        && (st.st_mtime, st.st_mtime_nsec) == attrs.mtime
+}
+
+struct PendingLink {
+    src: PathBuf,
+    attrs: FileAttrs,
+    prev_id: (u64, u64),
+}
+
+/// Placeholders a copy left for files to be linked from the previous result, by directory.
+#[derive(Default)]
+pub struct PendingLinks {
+    by_dir: HashMap<PathBuf, BTreeMap<OsString, PendingLink>>,
+}
+
+/// What [`PendingLinks::finish`] did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LinkReport {
+    pub linked: usize,
+    /// Files whose link failed and that were copied instead.
+    pub copied: usize,
+}
+
+fn split(rel: &Path) -> Option<(PathBuf, OsString)> {
+    let name = rel.file_name()?.to_os_string();
+    Some((rel.parent().unwrap_or(Path::new("")).to_path_buf(), name))
+}
+
+impl PendingLinks {
+    pub fn len(&self) -> usize {
+        self.by_dir.values().map(BTreeMap::len).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_dir.values().all(BTreeMap::is_empty)
+    }
+
+    pub(crate) fn add(&mut self, rel: &Path, src: &Path, attrs: FileAttrs, prev_id: (u64, u64)) {
+        if let Some((dir, name)) = split(rel) {
+            self.by_dir.entry(dir).or_default().insert(
+                name,
+                PendingLink {
+                    src: src.to_path_buf(),
+                    attrs,
+                    prev_id,
+                },
+            );
+        }
+    }
+
+    /// Drops the pending link at `rel`: something else was written there since.
+    pub(crate) fn cancel(&mut self, rel: &Path) {
+        if let Some((dir, name)) = split(rel) {
+            if let Some(m) = self.by_dir.get_mut(&dir) {
+                m.remove(&name);
+            }
+        }
+    }
+
+    /// Replaces each placeholder in `upper` (the new result's upper dir, no longer
+    /// mounted) by a link of the previous result's file, or by a fresh copy of the source
+    /// when the link cannot be made. The directories' times are put back as the copy left
+    /// them (a link changes its directory's mtime).
+    pub fn finish(&self, upper: &Path, prev: &PreviousCopy) -> Result<LinkReport, FileOpError> {
+        let root = OwnedFd::from(File::open(upper).map_err(io_err("open", upper))?);
+        let mut report = LinkReport::default();
+        let mut dirs: Vec<_> = self.by_dir.iter().filter(|(_, m)| !m.is_empty()).collect();
+        dirs.sort_by(|a, b| a.0.cmp(b.0));
+        for (dir, files) in dirs {
+            let abs_dir = upper.join(dir);
+            let dfd = open_beneath(&root, dir, libc::O_RDONLY | libc::O_DIRECTORY)
+                .map_err(io_err("open", &abs_dir))?;
+            let times = fstat(&dfd).map_err(io_err("stat", &abs_dir))?;
+            let prev_dir = open_beneath(&prev.root, dir, libc::O_PATH | libc::O_DIRECTORY).ok();
+            for (name, link) in files {
+                let path = abs_dir.join(name);
+                let c = cstr(name).map_err(io_err("link", &path))?;
+                // Only ever our own empty placeholder is replaced.
+                match stat_at(&dfd, name).map_err(io_err("stat", &path))? {
+                    Some(st) if st.st_mode & libc::S_IFMT == libc::S_IFREG && st.st_size == 0 => {}
+                    _ => {
+                        return Err(FileOpError::Io {
+                            action: "link",
+                            path,
+                            source: io::Error::other("the placeholder changed"),
+                        })
+                    }
+                }
+                // SAFETY: valid directory fd and NUL-terminated name.
+                check(unsafe { libc::unlinkat(dfd.as_raw_fd(), c.as_ptr(), 0) })
+                    .map_err(io_err("remove", &path))?;
+                if prev_dir
+                    .as_ref()
+                    .is_some_and(|p| link_from(p, &dfd, &c, link))
+                {
+                    report.linked += 1;
+                } else {
+                    copy_into(&dfd, &c, &path, link)?;
+                    report.copied += 1;
+                }
+            }
+            let ts = [timespec(times.0), timespec(times.1)];
+            // SAFETY: valid fd and a two-element timespec array.
+            check(unsafe { libc::futimens(dfd.as_raw_fd(), ts.as_ptr()) })
+                .map_err(io_err("set times of", &abs_dir))?;
+        }
+        Ok(report)
+    }
+}
+
+/// Links `name` of `from` to `name` in `to`, and keeps it only if it is the inode the
+/// copy checked, still with the attributes a copy would get.
+fn link_from(from: &OwnedFd, to: &OwnedFd, name: &CString, link: &PendingLink) -> bool {
+    // SAFETY: valid directory fds and NUL-terminated names; flags 0 never follows a link.
+    let rc = unsafe {
+        libc::linkat(
+            from.as_raw_fd(),
+            name.as_ptr(),
+            to.as_raw_fd(),
+            name.as_ptr(),
+            0,
+        )
+    };
+    if rc != 0 {
+        return false;
+    }
+    match stat_at(to, OsStr::from_bytes(name.as_bytes())) {
+        Ok(Some(st)) if (st.st_dev, st.st_ino) == link.prev_id && same_attrs(&st, &link.attrs) => {
+            true
+        }
+        _ => {
+            // SAFETY: as above.
+            unsafe { libc::unlinkat(to.as_raw_fd(), name.as_ptr(), 0) };
+            false
+        }
+    }
+}
+
+/// A fresh copy, as the copier makes it: content, then owner, then mode (chown clears
+/// setuid bits), then times. The source had no xattrs (or it would not be linkable).
+fn copy_into(
+    dir: &OwnedFd,
+    name: &CString,
+    path: &Path,
+    link: &PendingLink,
+) -> Result<(), FileOpError> {
+    let mut input = File::open(&link.src).map_err(io_err("open", &link.src))?;
+    // SAFETY: valid directory fd and name; O_EXCL|O_NOFOLLOW never opens an existing file.
+    let fd = unsafe {
+        libc::openat(
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+            0o600,
+        )
+    };
+    if fd < 0 {
+        return Err(io_err("create", path)(io::Error::last_os_error()));
+    }
+    // SAFETY: the fd was just returned by openat and is owned by nothing else.
+    let mut out = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+    io::copy(&mut input, &mut out).map_err(io_err("copy to", path))?;
+    let a = &link.attrs;
+    // SAFETY: valid fd of the file just created.
+    check(unsafe { libc::fchown(out.as_raw_fd(), a.uid, a.gid) }).map_err(io_err("chown", path))?;
+    // SAFETY: as above.
+    check(unsafe { libc::fchmod(out.as_raw_fd(), a.perm) }).map_err(io_err("chmod", path))?;
+    let ts = [timespec(a.atime), timespec(a.mtime)];
+    // SAFETY: valid fd and a two-element timespec array.
+    check(unsafe { libc::futimens(out.as_raw_fd(), ts.as_ptr()) })
+        .map_err(io_err("set times of", path))
+}
+
+fn timespec((secs, nanos): (i64, i64)) -> libc::timespec {
+    libc::timespec {
+        tv_sec: secs,
+        tv_nsec: nanos,
+    }
+}
+
+fn check(rc: libc::c_int) -> io::Result<()> {
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+fn cstr(b: &OsStr) -> io::Result<CString> {
+    CString::new(b.as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "nul byte in path"))
+}
+
+/// Opens `rel` below `root` with openat2 `RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS`: no
+/// component may be a symlink or climb out, so a path of one snapshot never leads into
+/// another or onto the host.
+fn open_beneath(root: &OwnedFd, rel: &Path, flags: libc::c_int) -> io::Result<OwnedFd> {
+    let bytes = rel.as_os_str().as_bytes();
+    let p = cstr(OsStr::from_bytes(if bytes.is_empty() {
+        b"."
+    } else {
+        bytes
+    }))?;
+    // SAFETY: open_how is plain data; zero is a valid initial value.
+    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
+    how.flags = (flags | libc::O_CLOEXEC) as u64;
+    how.resolve = libc::RESOLVE_BENEATH | libc::RESOLVE_NO_SYMLINKS;
+    loop {
+        // SAFETY: valid fd, NUL-terminated path and a correctly sized open_how.
+        let fd = unsafe {
+            libc::syscall(
+                libc::SYS_openat2,
+                root.as_raw_fd(),
+                p.as_ptr(),
+                &how as *const libc::open_how,
+                std::mem::size_of::<libc::open_how>(),
+            )
+        };
+        if fd >= 0 {
+            let fd = i32::try_from(fd).map_err(|_| io::Error::other("fd out of range"))?;
+            // SAFETY: the kernel just returned this fd to us.
+            return Ok(unsafe { OwnedFd::from_raw_fd(fd) });
+        }
+        let err = io::Error::last_os_error();
+        if err.raw_os_error() != Some(libc::EAGAIN) && err.kind() != io::ErrorKind::Interrupted {
+            return Err(err);
+        }
+    }
+}
+
+/// lstat of `name` in `dir`; `None` when it does not exist.
+fn stat_at(dir: &OwnedFd, name: &OsStr) -> io::Result<Option<libc::stat>> {
+    let c = cstr(name)?;
+    // SAFETY: stat is plain data filled in by the kernel.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: valid fd, NUL-terminated name, writable stat buffer.
+    let rc = unsafe {
+        libc::fstatat(
+            dir.as_raw_fd(),
+            c.as_ptr(),
+            &mut st,
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    };
+    if rc == 0 {
+        return Ok(Some(st));
+    }
+    let err = io::Error::last_os_error();
+    if err.kind() == io::ErrorKind::NotFound {
+        Ok(None)
+    } else {
+        Err(err)
+    }
+}
+
+/// (atime, mtime) of an open file.
+fn fstat(fd: &OwnedFd) -> io::Result<((i64, i64), (i64, i64))> {
+    // SAFETY: stat is plain data filled in by the kernel.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: valid fd and a writable stat buffer.
+    check(unsafe { libc::fstat(fd.as_raw_fd(), &mut st) })?;
+    Ok((
+        (st.st_atime, st.st_atime_nsec),
+        (st.st_mtime, st.st_mtime_nsec),
+    ))
+}
