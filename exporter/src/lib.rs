@@ -10,6 +10,7 @@
 //! gzip headers carry no mtime or file name, archive entries have fixed owners and times.
 
 mod archive;
+mod for_push;
 mod image;
 mod layer;
 mod load;
@@ -23,6 +24,7 @@ pub use archive::{
     write_docker_archive, write_docker_archive_multi, write_docker_archive_multi_to,
     write_docker_archive_to, write_oci_archive, write_oci_archive_to, write_oci_dir,
 };
+pub use for_push::compressed_for_push;
 pub use image::{
     read_config, read_image_config, read_manifest, write_image, write_image_config,
     write_manifest_for_config, ImageRecord, DOCKER_CONFIG, DOCKER_LAYER, DOCKER_LAYER_GZIP,

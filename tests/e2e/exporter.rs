@@ -238,6 +238,52 @@ fn a_second_push_uploads_no_blob() {
     );
     let inspected = skopeo_json(&["inspect", "--tls-verify=false", &format!("docker://{name}")]);
     assert_eq!(inspected["Layers"].as_array().unwrap().len(), 3);
+
+    // As in Docker's store, the local image keeps its built layers uncompressed (the
+    // pulled base layer stays as pulled); the push compressed them, under the same config.
+    let images: serde_json::Value = metadata(&env.root().join("images/images.json"));
+    let record = images["images"]
+        .as_object()
+        .unwrap()
+        .values()
+        .next()
+        .unwrap()["record"]
+        .clone();
+    let blob = |digest: &str| {
+        env.root()
+            .join("content/blobs/sha256")
+            .join(digest.trim_start_matches("sha256:"))
+    };
+    let local = metadata(&blob(record["manifest_digest"].as_str().unwrap()));
+    let local_types: Vec<&str> = local["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["mediaType"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        local_types,
+        [
+            "application/vnd.oci.image.layer.v1.tar+gzip",
+            "application/vnd.oci.image.layer.v1.tar",
+            "application/vnd.oci.image.layer.v1.tar"
+        ]
+    );
+    let raw = skopeo_json(&[
+        "inspect",
+        "--raw",
+        "--tls-verify=false",
+        &format!("docker://{name}"),
+    ]);
+    assert_eq!(raw["config"]["digest"], local["config"]["digest"]);
+    let diff_ids =
+        metadata(&blob(local["config"]["digest"].as_str().unwrap()))["rootfs"]["diff_ids"].clone();
+    for (i, layer) in raw["layers"].as_array().unwrap().iter().enumerate() {
+        let media_type = layer["mediaType"].as_str().unwrap();
+        assert_eq!(media_type, "application/vnd.oci.image.layer.v1.tar+gzip");
+        let digest = layer["digest"].as_str().unwrap();
+        assert_eq!(diff_id_of(&blob(digest), media_type), diff_ids[i]);
+    }
 }
 
 #[test]

@@ -231,9 +231,14 @@ pub fn push(cli: &Cli, name: &str) -> Result<i32> {
     let reference = Reference::parse(name).map_err(|e| anyhow!("{e}"))?;
     let store = Store::open(&cli.root)?;
     let client = crate::config::registry_client(cli)?;
-    let report =
-        strata_exporter::push_image_report(&client, &store.content, &img.record, &reference)
-            .with_context(|| format!("push {name}"))?;
+    let record = strata_exporter::compressed_for_push(
+        &store.content,
+        &img.record,
+        &strata_exporter::Compression::default(),
+    )
+    .with_context(|| format!("compress the layers of {name}"))?;
+    let report = strata_exporter::push_image_report(&client, &store.content, &record, &reference)
+        .with_context(|| format!("push {name}"))?;
     eprintln!(
         "{} blobs uploaded, {} mounted, {} already present",
         report.uploaded.len(),
@@ -242,7 +247,7 @@ pub fn push(cli: &Cli, name: &str) -> Result<i32> {
     );
     println!(
         "{}: digest: {} size: {}",
-        img.tag, report.manifest_digest, img.record.manifest_size
+        img.tag, report.manifest_digest, record.manifest_size
     );
     Ok(0)
 }

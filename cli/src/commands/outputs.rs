@@ -79,6 +79,8 @@ pub struct OutputSpec {
     /// `tar=false` for `type=oci`: an OCI layout directory.
     pub tar: bool,
     pub image: ImageOptions,
+    /// `compression=` or `compression-level=` was given.
+    pub compression_given: bool,
 }
 
 impl OutputSpec {
@@ -91,6 +93,7 @@ impl OutputSpec {
             push: false,
             tar: true,
             image: ImageOptions::default(),
+            compression_given: false,
         }
     }
 
@@ -208,6 +211,7 @@ pub fn parse_output(spec: &str) -> Result<OutputSpec> {
         }
     }
     if compression.is_some() || level.is_some() {
+        out.compression_given = true;
         out.image.compression =
             Compression::from_name(compression.as_deref().unwrap_or("gzip"), level)
                 .map_err(|e| anyhow!("output type={kind_name}: {e}"))?;
@@ -256,6 +260,14 @@ pub fn parse_outputs(args: &BuildArgs) -> Result<Vec<OutputSpec>> {
         match outputs.iter_mut().find(|o| o.kind == Kind::Image) {
             Some(o) => o.store = true,
             None => outputs.push(OutputSpec::new(Kind::Image)),
+        }
+    }
+    for o in outputs.iter_mut() {
+        // Like Docker's image store, the local one keeps built layers uncompressed: the
+        // build only tars and hashes them, and `strata push` compresses (once; see
+        // `strata_exporter::compressed_for_push`).
+        if o.kind == Kind::Image && o.store && !o.push && !o.compression_given {
+            o.image.compression = Compression::Uncompressed;
         }
     }
     let stdout_outputs = outputs
