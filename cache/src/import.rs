@@ -10,7 +10,7 @@ use strata_snapshotter::content::ContentStore;
 use strata_solver::cache::KeyLock;
 use strata_solver::progress::{Progress, ProgressEvent};
 use strata_solver::worker::RealWorker;
-use strata_solver::{CacheKey, CacheStore, Ref, Worker};
+use strata_solver::{CacheKey, CacheStore, Ref, StepActivity, Worker};
 
 use crate::describe::{CacheDescription, CONFIG_MEDIA_TYPE, INLINE_CONFIG_FIELD};
 use crate::spec::CacheFrom;
@@ -436,6 +436,7 @@ impl Worker for MountRestoringWorker<'_> {
         key: &CacheKey,
         inputs: &[Ref],
         progress: &dyn Progress,
+        activity: &StepActivity,
     ) -> Result<Ref, String> {
         if let Op::Exec(exec) = &node.op {
             for m in &exec.mounts {
@@ -456,7 +457,7 @@ impl Worker for MountRestoringWorker<'_> {
                 }
             }
         }
-        self.inner.exec(node, meta, key, inputs, progress)
+        self.inner.exec(node, meta, key, inputs, progress, activity)
     }
 
     fn exists(&self, r: &Ref) -> bool {

@@ -164,7 +164,9 @@ pub struct BuildArgs {
     /// Shorthand for --output=type=docker (here: the local image store).
     #[arg(long)]
     pub load: bool,
-    /// Limit the number of steps run at once (default: the core count).
+    /// Run at most N steps at once (a hard bound). Default: at most as many CPU-busy steps
+    /// as there are cores; a RUN step that is nearly idle (sleeping, waiting on the
+    /// network) holds no slot, so further steps start next to it.
     #[arg(long)]
     pub max_parallelism: Option<usize>,
     /// Write the image ID to the file.

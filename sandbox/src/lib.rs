@@ -13,8 +13,13 @@
 //! sandbox had to create in the root are removed after the step, with the parent
 //! directory's times restored, so they never reach the layer (a parent directory overlayfs
 //! copied up stays in the upper dir, unchanged from below).
+//!
+//! [`Sandbox::run_metered`] also puts the step in a cgroup v2 of its own and hands the
+//! caller a [`CpuMeter`] of it, so the scheduler can tell a sleeping step from a busy one
+//! (see `cgroup.rs`).
 
 mod caps;
+mod cgroup;
 mod error;
 mod init;
 mod process;
@@ -33,6 +38,7 @@ use std::sync::mpsc;
 use serde::{Deserialize, Serialize};
 use strata_snapshotter::Mount;
 
+pub use cgroup::CpuMeter;
 pub use process::DEFAULT_PATH;
 
 /// `argv[1]` that makes `strata` act as the sandbox init ([`init_main`]).
@@ -143,6 +149,21 @@ impl Sandbox {
         req: &RunRequest,
         output: &mut dyn FnMut(Stream, &[u8]),
     ) -> Result<(), Error> {
+        self.run_metered(req, output, &mut |_| {})
+    }
+
+    /// [`Sandbox::run`], in a cgroup of the step's own: `started` gets the meter of the
+    /// step's CPU time once the init is inside, before the command runs. Without a
+    /// writable cgroup2 hierarchy the step runs uncgrouped and `started` is never called.
+    pub fn run_metered(
+        &self,
+        req: &RunRequest,
+        output: &mut dyn FnMut(Stream, &[u8]),
+        started: &mut dyn FnMut(CpuMeter),
+    ) -> Result<(), Error> {
+        // Declared before the init's handle, so it is dropped (emptied, removed) after
+        // the init has been killed and reaped.
+        let cgroup = cgroup::StepCgroup::create();
         let request =
             serde_json::to_vec(req).map_err(|e| Error::Spawn(std::io::Error::other(e)))?;
         let (mut sock, child_sock) = UnixStream::pair().map_err(Error::Spawn)?;
@@ -175,6 +196,13 @@ impl Sandbox {
         let child = cmd.spawn().map_err(Error::Spawn)?;
         drop(child_sock);
         let mut child = KillOnDrop(Some(child));
+        // The init reads its whole request before it forks anything, so moving it now
+        // puts every process of the step in the cgroup.
+        if let (Some(cg), Some(c)) = (&cgroup, child.0.as_ref()) {
+            if cg.add(c.id()).is_ok() {
+                started(cg.meter());
+            }
+        }
         // A failed write means the init is gone; its exit status tells why.
         let _ = sock
             .write_all(&request)

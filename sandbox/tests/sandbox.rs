@@ -519,3 +519,64 @@ fn host_mount_table_unchanged_after_runs() {
         "{new_state_dirs} state directories left in the temp dir"
     );
 }
+
+/// Runs `script` metered and returns its output, the cgroup path the meter read, and the
+/// most CPU time the meter ever showed (read every 10 ms while the step runs).
+fn run_measured(script: &str) -> (String, Duration, bool) {
+    let dir = tempfile::tempdir().unwrap();
+    busybox_root(dir.path());
+    let meter = std::sync::Mutex::new(None::<strata_sandbox::CpuMeter>);
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let mut stdout = Vec::new();
+    let (result, most) = std::thread::scope(|s| {
+        let reader = s.spawn(|| {
+            let mut most = Duration::ZERO;
+            while !done.load(std::sync::atomic::Ordering::SeqCst) {
+                if let Some(used) = meter.lock().unwrap().as_ref().and_then(|m| m.usage()) {
+                    most = most.max(used);
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            most
+        });
+        let result = Sandbox::new(PathBuf::from(INIT)).run_metered(
+            &request(bind_root(dir.path()), script),
+            &mut |stream, d| {
+                if stream == Stream::Stdout {
+                    stdout.extend_from_slice(d)
+                }
+            },
+            &mut |m| *meter.lock().unwrap() = Some(m),
+        );
+        done.store(true, std::sync::atomic::Ordering::SeqCst);
+        (result, reader.join().unwrap())
+    });
+    result.unwrap();
+    // The step's cgroup is removed with the step: its meter reads nothing any more.
+    let gone = meter.lock().unwrap().as_ref().unwrap().usage().is_none();
+    (String::from_utf8_lossy(&stdout).into_owned(), most, gone)
+}
+
+#[test]
+fn a_busy_steps_cgroup_shows_cpu_use_and_a_sleeping_ones_does_not() {
+    // A fixed amount of shell arithmetic (about 0.3 s of CPU here), then a pause so the
+    // reader sees the final count before the cgroup goes away.
+    let (out, busy, gone) = run_measured(
+        "cat /proc/self/cgroup; i=0; while test $i -lt 300000; do i=$((i+1)); done; sleep 0.3",
+    );
+    // The step's processes are in a cgroup of their own under strata/.
+    assert!(
+        out.lines().any(|l| l.starts_with("0::/strata/")),
+        "cgroup: {out}"
+    );
+    assert!(gone, "the step's cgroup outlived it");
+    let (_, idle, _) = run_measured("sleep 1");
+    assert!(
+        busy >= Duration::from_millis(100),
+        "busy step used {busy:?}"
+    );
+    assert!(
+        idle * 10 < busy,
+        "sleeping step used {idle:?}, busy step {busy:?}"
+    );
+}

@@ -8,6 +8,18 @@
 //! whose inputs are ready runs at once, up to `max_parallelism`. So a build whose final
 //! step is cached pulls and runs nothing.
 //!
+//! What `max_parallelism` bounds is a [`Bound`]. [`Bound::Steps`] (an explicit
+//! `--max-parallelism N`) bounds the steps running at once: users who pass it want a hard
+//! limit. [`Bound::BusySteps`] (the CLI's default, N = the core count) bounds only the
+//! CPU-busy ones: each RUN step runs in a cgroup of its own, the scheduler reads every
+//! running step's CPU time every 100 ms ([`activity`]), and a step that used under a
+//! quarter of one core over the last window (sleeping, waiting on the network) holds no
+//! slot, so further ready steps start next to it. A step that gets busy again counts again
+//! (nothing new starts until the busy steps are under the bound; running ones are never
+//! paused). Steps without a meter (file ops, pulls, RUNs where no writable cgroup2 exists)
+//! always count as busy. So four independent stages that mostly sleep run together on two
+//! cores, while CPU-heavy steps still run two at a time.
+//!
 //! Unlike BuildKit, which reports every vertex of a cached chain as CACHED, progress shows
 //! only the hits the walk reached (the topmost cached step of each branch): the steps
 //! below a hit are not looked at, so a warm rebuild costs one cache lookup per branch.
@@ -23,6 +35,7 @@
 //!
 //! [`Worker`] is the seam between scheduling and execution; tests use a counting fake.
 
+pub mod activity;
 pub mod cache;
 pub mod contenthash;
 pub mod fileop;
@@ -33,7 +46,8 @@ pub mod worker;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc;
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::Arc;
 use std::time::Instant;
 
 use petgraph::graph::{DiGraph, NodeIndex};
@@ -42,6 +56,7 @@ use petgraph::Direction;
 
 use strata_dag::{Definition, Digest, Node, NodeMeta, Op};
 
+pub use activity::StepActivity;
 pub use cache::{CacheStore, KeyLock};
 pub use progress::{Progress, ProgressEvent};
 pub use worker::error_chain;
@@ -109,7 +124,8 @@ pub trait Worker: Sync {
     /// The result of a source that needs no execution (the local context), if `node` is one.
     fn immediate(&self, node: &Node) -> Option<Ref>;
     /// Runs `node` over its inputs' results and commits its result under a name derived
-    /// from `key`.
+    /// from `key`. `activity` is where the worker tells the scheduler whether the step is
+    /// busy (see [`activity`]); a worker that never touches it has every step count busy.
     fn exec(
         &self,
         node: &Node,
@@ -117,6 +133,7 @@ pub trait Worker: Sync {
         key: &CacheKey,
         inputs: &[Ref],
         progress: &dyn Progress,
+        activity: &StepActivity,
     ) -> Result<Ref, String>;
     /// Whether a cached result still exists.
     fn exists(&self, r: &Ref) -> bool;
@@ -136,11 +153,24 @@ pub struct SolveReport {
     pub planned: Vec<CacheKey>,
 }
 
+/// What `max_parallelism` bounds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Bound {
+    /// The steps running at once, whatever they do (an explicit `--max-parallelism`).
+    #[default]
+    Steps,
+    /// The CPU-busy steps running at once (the CLI's default, with the core count): a
+    /// running step whose processes are nearly idle (sleeping, waiting on the network)
+    /// holds no slot, so more steps start; see [`activity`].
+    BusySteps,
+}
+
 pub struct Solver<'a> {
     worker: &'a dyn Worker,
     cache: &'a dyn CacheStore,
     progress: &'a dyn Progress,
     max_parallelism: usize,
+    bound: Bound,
     cancel: &'a AtomicBool,
 }
 
@@ -196,8 +226,24 @@ impl<'a> Solver<'a> {
             cache,
             progress,
             max_parallelism: max_parallelism.max(1),
+            bound: Bound::Steps,
             cancel,
         }
+    }
+
+    /// Chooses what `max_parallelism` bounds (default: [`Bound::Steps`]).
+    pub fn with_bound(mut self, bound: Bound) -> Self {
+        self.bound = bound;
+        self
+    }
+
+    /// Whether one more step may start next to the `running` ones.
+    fn may_start(&self, running: &HashMap<NodeIndex, Arc<StepActivity>>) -> bool {
+        let counted = match self.bound {
+            Bound::Steps => running.len(),
+            Bound::BusySteps => running.values().filter(|a| !a.is_idle()).count(),
+        };
+        counted < self.max_parallelism
     }
 
     fn step_error(def: &Definition, digest: &Digest, message: String) -> Error {
@@ -376,6 +422,7 @@ impl<'a> Solver<'a> {
         key: &CacheKey,
         inputs: &[Ref],
         fresh: bool,
+        activity: &StepActivity,
     ) -> Outcome {
         self.progress.event(ProgressEvent::Started {
             description: meta.description.clone(),
@@ -396,7 +443,10 @@ impl<'a> Solver<'a> {
             lock
         };
         let start = Instant::now();
-        match self.worker.exec(node, meta, key, inputs, self.progress) {
+        match self
+            .worker
+            .exec(node, meta, key, inputs, self.progress, activity)
+        {
             Ok(r) => match self.cache.put(key, &r) {
                 Ok(()) => Outcome::Executed(r, start.elapsed().as_secs_f64()),
                 Err(e) => Outcome::Failed(format!("record cache: {e}")),
@@ -406,7 +456,9 @@ impl<'a> Solver<'a> {
     }
 
     /// Runs the missed nodes: a graph of them, scheduled by in-degree, every ready node at
-    /// once up to `max_parallelism`.
+    /// once up to `max_parallelism` running ([`Bound::Steps`]) or busy
+    /// ([`Bound::BusySteps`]: the running steps' meters are read every
+    /// [`activity::SAMPLE_EVERY`] while waiting for steps to finish).
     fn run_graph(
         &self,
         def: &Definition,
@@ -447,10 +499,11 @@ impl<'a> Solver<'a> {
         let mut failure: Option<Error> = None;
         let mut finished = 0usize;
         std::thread::scope(|scope| {
-            let mut running = 0usize;
+            let mut running: HashMap<NodeIndex, Arc<StepActivity>> = HashMap::new();
+            let mut next_sample = Instant::now() + activity::SAMPLE_EVERY;
             loop {
                 if !self.cancel.load(Ordering::SeqCst) && failure.is_none() {
-                    while running < self.max_parallelism {
+                    while self.may_start(&running) {
                         let Some(n) = ready.pop_front() else { break };
                         let ix = graph[n];
                         let node = plan.graph[ix];
@@ -479,18 +532,41 @@ impl<'a> Solver<'a> {
                         let key = plan.keys[&ix];
                         let fresh = plan.fresh.contains(&ix);
                         let tx = tx.clone();
-                        running += 1;
+                        let activity = Arc::new(StepActivity::default());
+                        running.insert(n, activity.clone());
                         scope.spawn(move || {
-                            let outcome = self.run_one(node, &meta, &key, &inputs, fresh);
+                            let outcome =
+                                self.run_one(node, &meta, &key, &inputs, fresh, &activity);
                             let _ = tx.send((n, outcome));
                         });
                     }
                 }
-                if running == 0 {
+                if running.is_empty() {
                     break;
                 }
-                let Ok((n, outcome)) = rx.recv() else { break };
-                running -= 1;
+                let message = match self.bound {
+                    Bound::Steps => rx.recv().ok(),
+                    Bound::BusySteps => {
+                        let now = Instant::now();
+                        if now >= next_sample {
+                            for a in running.values() {
+                                a.sample(now);
+                            }
+                            next_sample = now + activity::SAMPLE_EVERY;
+                            // A step that went idle frees a slot: try to start more.
+                            continue;
+                        }
+                        // A finished step wakes this at once; the timeout only paces
+                        // the sampling.
+                        match rx.recv_timeout(next_sample - now) {
+                            Ok(m) => Some(m),
+                            Err(RecvTimeoutError::Timeout) => continue,
+                            Err(RecvTimeoutError::Disconnected) => None,
+                        }
+                    }
+                };
+                let Some((n, outcome)) = message else { break };
+                running.remove(&n);
                 let ix = graph[n];
                 let digest = &plan.digests[ix.index()];
                 let description = def

@@ -21,7 +21,7 @@ use crate::fileop::{
 use crate::incremental::{CopyManifest, PreviousCopy, MANIFEST_FILE};
 use crate::progress::{Progress, ProgressEvent};
 use crate::runmount::{MountContext, PreparedMounts, RunEnv, INSECURE_ENTITLEMENT};
-use crate::{CacheKey, Ref, Worker};
+use crate::{CacheKey, Ref, StepActivity, Worker};
 
 /// Labels a committed layer snapshot carries about its blob (set when pulled or exported).
 pub const LABEL_BLOB: &str = "strata.io/blob";
@@ -314,6 +314,7 @@ impl RealWorker {
         key: &CacheKey,
         inputs: &[Ref],
         progress: &dyn Progress,
+        activity: &StepActivity,
     ) -> Result<Ref, String> {
         if exec.insecure && !self.run_env.allow_insecure {
             return Err(format!("entitlement {INSECURE_ENTITLEMENT} is not allowed"));
@@ -369,7 +370,12 @@ impl RealWorker {
                     });
                 }
             };
-            let result = self.sandbox.run(&req, &mut emit);
+            // The scheduler reads the step's CPU time while it runs; committing the
+            // result afterwards counts as busy again.
+            let result = self.sandbox.run_metered(&req, &mut emit, &mut |meter| {
+                activity.set_meter(move || meter.usage())
+            });
+            activity.clear_meter();
             for buf in pending.iter() {
                 if !buf.is_empty() {
                     let text = String::from_utf8_lossy(buf).into_owned();
@@ -648,13 +654,14 @@ impl Worker for RealWorker {
         key: &CacheKey,
         inputs: &[Ref],
         progress: &dyn Progress,
+        activity: &StepActivity,
     ) -> Result<Ref, String> {
         match &node.op {
             Op::Source(SourceOp::Image { reference }) => {
                 self.pull(reference, progress, &meta.description)
             }
             Op::Source(SourceOp::Local { .. }) => Ok(Ref::Local(self.context_dir.clone())),
-            Op::Exec(exec) => self.exec_run(exec, meta, key, inputs, progress),
+            Op::Exec(exec) => self.exec_run(exec, meta, key, inputs, progress, activity),
             Op::File(op) => self.exec_file(node, op, meta, key, inputs, progress),
             Op::Merge => Err("merge ops are not supported yet".into()),
         }

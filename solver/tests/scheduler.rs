@@ -12,7 +12,7 @@ use strata_dag::{
 };
 use strata_solver::cache::MemoryCache;
 use strata_solver::progress::{Progress, ProgressEvent};
-use strata_solver::{CacheKey, Error, Ref, SolveReport, Solver, Worker};
+use strata_solver::{Bound, CacheKey, Error, Ref, SolveReport, Solver, StepActivity, Worker};
 
 /// Counts executions per step description and the most steps ever running at once.
 #[derive(Default)]
@@ -74,6 +74,7 @@ impl Worker for FakeWorker {
         key: &CacheKey,
         _inputs: &[Ref],
         _progress: &dyn Progress,
+        _activity: &StepActivity,
     ) -> Result<Ref, String> {
         let now = self.running.fetch_add(1, Ordering::SeqCst) + 1;
         self.max_running.fetch_max(now, Ordering::SeqCst);
@@ -394,8 +395,9 @@ fn a_node_outside_the_roots_ancestry_is_neither_keyed_nor_run() {
             k: &CacheKey,
             i: &[Ref],
             p: &dyn Progress,
+            a: &StepActivity,
         ) -> Result<Ref, String> {
-            self.0.exec(n, m, k, i, p)
+            self.0.exec(n, m, k, i, p, a)
         }
         fn exists(&self, r: &Ref) -> bool {
             self.0.exists(r)
@@ -517,4 +519,165 @@ fn a_re_made_step_re_makes_its_dependents_but_a_re_pulled_image_does_not() {
             "[final 2/2] COPY --from=a --from=b".to_string(),
         ]
     );
+}
+
+/// The steps a [`ScriptedWorker`] is running, and the most ever at once.
+#[derive(Default)]
+struct Running {
+    steps: Mutex<HashSet<String>>,
+    changed: std::sync::Condvar,
+    max: AtomicUsize,
+}
+
+impl Running {
+    /// Waits until `ready` holds for the running steps, or gives up after `limit` (a safety
+    /// net so that a wrong scheduler fails the assertions instead of hanging the test).
+    fn wait_until(&self, limit: Duration, ready: impl Fn(&HashSet<String>) -> bool) {
+        let steps = self.steps.lock().unwrap();
+        let _ = self
+            .changed
+            .wait_timeout_while(steps, limit, |r| !ready(r))
+            .unwrap();
+    }
+
+    fn set(&self, step: &str, on: bool) {
+        let mut steps = self.steps.lock().unwrap();
+        if on {
+            steps.insert(step.to_string());
+            self.max.fetch_max(steps.len(), Ordering::SeqCst);
+        } else {
+            steps.remove(step);
+        }
+        self.changed.notify_all();
+    }
+}
+
+type Script = Box<dyn Fn(&Running, &str, &StepActivity) + Sync>;
+
+/// A worker whose RUN steps say idle or busy through their `StepActivity` as a script
+/// tells them, and that records which steps run at the same time.
+struct ScriptedWorker {
+    running: Running,
+    script: Script,
+}
+
+impl ScriptedWorker {
+    fn new(script: impl Fn(&Running, &str, &StepActivity) + Sync + 'static) -> Self {
+        ScriptedWorker {
+            running: Running::default(),
+            script: Box::new(script),
+        }
+    }
+}
+
+impl Worker for ScriptedWorker {
+    fn content_key(&self, _: &Node, _: &[Option<&Ref>]) -> Result<Option<[u8; 32]>, String> {
+        Ok(None)
+    }
+    fn immediate(&self, _: &Node) -> Option<Ref> {
+        None
+    }
+    fn exec(
+        &self,
+        _node: &Node,
+        meta: &NodeMeta,
+        key: &CacheKey,
+        _inputs: &[Ref],
+        _progress: &dyn Progress,
+        activity: &StepActivity,
+    ) -> Result<Ref, String> {
+        self.running.set(&meta.description, true);
+        if meta.description.starts_with("RUN ") {
+            (self.script)(&self.running, &meta.description, activity);
+        }
+        self.running.set(&meta.description, false);
+        Ok(Ref::Snapshot(format!("result-{}", key.hex())))
+    }
+    fn exists(&self, _r: &Ref) -> bool {
+        true
+    }
+}
+
+fn solve_bounded(worker: &dyn Worker, def: &Definition, n: usize, bound: Bound) {
+    let cancel = AtomicBool::new(false);
+    let events = Events::default();
+    Solver::new(worker, &MemoryCache::default(), &events, n, &cancel)
+        .with_bound(bound)
+        .solve(def)
+        .unwrap();
+}
+
+const SAFETY_NET: Duration = Duration::from_secs(10);
+
+#[test]
+fn idle_steps_hold_no_slot_of_the_busy_bound() {
+    // Four idle branches under a busy-steps bound of 2: all four run at once (each waits
+    // for the others, so a scheduler that stops at 2 leaves them at 2 until the net).
+    let worker = ScriptedWorker::new(|w: &Running, _step: &str, activity: &StepActivity| {
+        activity.set_idle(true);
+        // Until all four have been seen running together (the first to finish lowers the
+        // count again, so the last one cannot wait for the count itself).
+        w.wait_until(SAFETY_NET, |_| w.max.load(Ordering::SeqCst) == 4);
+    });
+    solve_bounded(&worker, &fan_out(4), 2, Bound::BusySteps);
+    assert_eq!(worker.running.max.load(Ordering::SeqCst), 4);
+}
+
+#[test]
+fn busy_steps_never_exceed_the_busy_bound() {
+    let worker = FakeWorker {
+        sleep: Duration::from_millis(150),
+        ..Default::default()
+    };
+    solve_bounded(&worker, &fan_out(6), 2, Bound::BusySteps);
+    assert_eq!(worker.max_running.load(Ordering::SeqCst), 2);
+    assert_eq!(worker.runs().len(), 8);
+}
+
+#[test]
+fn an_explicit_bound_holds_even_for_idle_steps() {
+    // Idle steps that would all run together under the busy bound (see above), each
+    // waiting a while for the others: never more than 2 at once.
+    let worker = ScriptedWorker::new(|w: &Running, _step: &str, activity: &StepActivity| {
+        activity.set_idle(true);
+        w.wait_until(Duration::from_millis(300), |r| r.len() > 2);
+    });
+    solve_bounded(&worker, &fan_out(4), 2, Bound::Steps);
+    assert_eq!(worker.running.max.load(Ordering::SeqCst), 2);
+}
+
+#[test]
+fn a_step_busy_again_takes_its_slot_back() {
+    // Bound 1. RUN 0 goes idle, so RUN 1 starts; then RUN 0 is busy again and RUN 1 goes
+    // idle: one busy step holds the only slot, so RUN 2 must wait until RUN 0 ends.
+    let worker = ScriptedWorker::new(
+        |w: &Running, step: &str, activity: &StepActivity| match step {
+            "RUN 0" => {
+                activity.set_idle(true);
+                w.wait_until(SAFETY_NET, |r| r.contains("RUN 1"));
+                activity.set_idle(false);
+                w.set("RUN 0 busy again", true);
+                // Time for a wrong scheduler to start RUN 2 next to this busy step.
+                w.wait_until(Duration::from_millis(500), |r| r.contains("RUN 2"));
+                w.set("RUN 0 busy again", false);
+            }
+            "RUN 1" => {
+                w.wait_until(SAFETY_NET, |r| r.contains("RUN 0 busy again"));
+                activity.set_idle(true);
+                w.wait_until(SAFETY_NET, |r| !r.contains("RUN 0"));
+            }
+            _ => {
+                if w.steps.lock().unwrap().contains("RUN 0") {
+                    // Left in the set, for the assertion below.
+                    w.set("RUN 2 ran next to RUN 0", true);
+                }
+            }
+        },
+    );
+    solve_bounded(&worker, &fan_out(3), 1, Bound::BusySteps);
+    // RUN 0 (busy again, its marker) and the idle RUN 1 ran at once ...
+    assert_eq!(worker.running.max.load(Ordering::SeqCst), 3);
+    // ... but RUN 2 only after RUN 0.
+    let left = worker.running.steps.lock().unwrap().clone();
+    assert!(left.is_empty(), "{left:?}");
 }

@@ -12,6 +12,7 @@ mod errors;
 mod exporter;
 mod incremental_copy;
 mod interrupt;
+mod parallel;
 mod run_mounts;
 mod solver;
 mod store;

@@ -15,7 +15,7 @@ use strata_sandbox::Sandbox;
 use strata_solver::contenthash::StatCache;
 use strata_solver::progress::{PlainProgress, Progress, ProgressEvent, TtyProgress};
 use strata_solver::worker::RealWorker;
-use strata_solver::Solver;
+use strata_solver::{Bound, Solver};
 
 use super::build_cache;
 use crate::args::{BuildArgs, Cli, ProgressMode};
@@ -227,11 +227,18 @@ pub fn run(cli: &Cli, args: &BuildArgs) -> Result<i32> {
     );
     worker.run_env = run_env;
     worker.reuse_previous_copies = !args.no_cache;
-    let parallelism = args.max_parallelism.unwrap_or_else(|| {
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(2)
-    });
+    // An explicit --max-parallelism is a hard bound on running steps; the default bounds
+    // only the CPU-busy ones by the core count, so sleeping or network-bound RUN steps of
+    // independent stages overlap beyond it.
+    let (parallelism, bound) = match args.max_parallelism {
+        Some(n) => (n, Bound::Steps),
+        None => (
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(2),
+            Bound::BusySteps,
+        ),
+    };
     // Imported caches answer after the local one, pulling a hit's layers only when the
     // solve asks for that key.
     let imports = build_cache::import_descriptions(&worker.registry, &cache_opts.from, &progress);
@@ -249,7 +256,8 @@ pub fn run(cli: &Cli, args: &BuildArgs) -> Result<i32> {
         store.cache_mounts_dir(),
         &progress,
     );
-    let solver = Solver::new(&restoring, &cache, &progress, parallelism, &CANCELLED);
+    let solver =
+        Solver::new(&restoring, &cache, &progress, parallelism, &CANCELLED).with_bound(bound);
     let solved = solver.solve(&plan.definition);
     let _ = stat_cache.save();
     let imported = cache.report();
