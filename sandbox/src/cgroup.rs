@@ -115,6 +115,24 @@ fn remove_stale(dir: &Path) {
     }
 }
 
+/// Kills the processes of every step this process is running and removes their cgroups
+/// (on cancel, just before the builder exits: the steps would die with it anyway, through
+/// the parent-death signal, but this way no empty cgroup is left for the next run to reap).
+pub fn kill_running_steps() {
+    let Some(parent) = parent_dir() else {
+        return;
+    };
+    let Ok(entries) = fs::read_dir(parent) else {
+        return;
+    };
+    let prefix = format!("{}-", std::process::id());
+    for entry in entries.flatten() {
+        if entry.file_name().to_string_lossy().starts_with(&prefix) {
+            drop(StepCgroup { path: entry.path() });
+        }
+    }
+}
+
 /// The cgroup of one running step; dropping it kills what is left inside and removes it.
 pub(crate) struct StepCgroup {
     path: PathBuf,

@@ -19,6 +19,29 @@ fn slow_context(env: &TestEnv) -> std::path::PathBuf {
     dir
 }
 
+/// The step cgroups (`<cgroup2 mount>/strata/<pid>-<n>`) of builder `pid`.
+fn step_cgroups_of(pid: u32) -> Vec<String> {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let mount = mountinfo.lines().find_map(|l| {
+        let (fields, fs) = l.split_once(" - ")?;
+        fs.starts_with("cgroup2 ")
+            .then(|| fields.split_whitespace().nth(4))
+            .flatten()
+    });
+    let Some(mount) = mount else {
+        return Vec::new();
+    };
+    let prefix = format!("{pid}-");
+    std::fs::read_dir(std::path::Path::new(mount).join("strata"))
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with(&prefix))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 fn interrupt_with(signal: libc::c_int) {
     let env = TestEnv::new();
     let ctx = slow_context(&env);
@@ -33,6 +56,10 @@ fn interrupt_with(signal: libc::c_int) {
         started.elapsed() < Duration::from_secs(20),
         "the build did not stop promptly"
     );
+    if signal != libc::SIGKILL {
+        // The running step's cgroup went with the build, not left for the next one.
+        assert_eq!(step_cgroups_of(child.id()), Vec::<String>::new());
+    }
     if signal == libc::SIGINT {
         assert_eq!(
             status.code(),
@@ -55,6 +82,8 @@ fn interrupt_with(signal: libc::c_int) {
     .unwrap();
     let out = env.build_ok(&[next.to_str().unwrap()]);
     assert!(out.contains("next-build-ok"), "{out}");
+    // A killed build's (empty) step cgroup is removed by the next build's first step.
+    assert_eq!(step_cgroups_of(child.id()), Vec::<String>::new());
     assert_eq!(
         mounts_under(&env.root()),
         Vec::<String>::new(),

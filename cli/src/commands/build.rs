@@ -36,6 +36,8 @@ fn watch_for_cancel(mounts_dir: PathBuf) {
     std::thread::spawn(move || loop {
         if CANCELLED.load(Ordering::SeqCst) {
             eprintln!("ERROR: build cancelled");
+            // Kill the running steps (their cgroups) first, so nothing holds the mounts.
+            strata_sandbox::kill_running_steps();
             let _ = strata_snapshotter::mount::unmount_all_under(&mounts_dir);
             std::process::exit(130);
         }
