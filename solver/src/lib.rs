@@ -20,9 +20,9 @@
 //! always count as busy. So four independent stages that mostly sleep run together on two
 //! cores, while CPU-heavy steps still run two at a time.
 //!
-//! Unlike BuildKit, which reports every vertex of a cached chain as CACHED, progress shows
-//! only the hits the walk reached (the topmost cached step of each branch): the steps
-//! below a hit are not looked at, so a warm rebuild costs one cache lookup per branch.
+//! The walk looks up only the hits it reaches (the topmost cached step of each branch), so
+//! a warm rebuild costs one cache lookup per branch; progress still shows, as BuildKit
+//! does, every step such a hit stands for as CACHED, inputs first.
 //!
 //! `ignore_cache` (`--no-cache`, `--no-cache-filter`) makes a step run whatever the cache
 //! holds, and so do the steps downstream of a re-made exec or file op (their records were
@@ -377,6 +377,7 @@ impl<'a> Solver<'a> {
         let mut to_run: HashSet<NodeIndex> = HashSet::new();
         let mut stack = vec![root_ix];
         let mut seen = HashSet::new();
+        let mut hits = Vec::new();
         while let Some(ix) = stack.pop() {
             if !seen.insert(ix) {
                 continue;
@@ -391,10 +392,7 @@ impl<'a> Solver<'a> {
             if !plan.fresh.contains(&ix) {
                 let hit = self.cache.get(&key).map_err(Error::Cache)?;
                 if let Some(r) = hit.filter(|r| self.worker.exists(r)) {
-                    self.progress.event(ProgressEvent::Cached {
-                        description: meta.description.clone(),
-                    });
-                    report.cached.push(meta.description.clone());
+                    hits.push(ix);
                     report.resolved.push((key, r.clone()));
                     results.insert(ix, r);
                     continue;
@@ -406,11 +404,47 @@ impl<'a> Solver<'a> {
             }
         }
 
+        self.show_cached(def, &plan, hits, &to_run, &mut report)?;
         self.run_graph(def, &plan, &mut results, &to_run, &mut report)?;
         let result = results
             .remove(&root_ix)
             .ok_or_else(|| Error::InvalidDefinition("root was not solved".into()))?;
         Ok((result, report))
+    }
+
+    /// Reports as CACHED every step the `hits` stand for (the hits and what they were made
+    /// from, down to the steps that run), in build order, as BuildKit shows a cached chain.
+    fn show_cached(
+        &self,
+        def: &Definition,
+        plan: &Plan<'_>,
+        hits: Vec<NodeIndex>,
+        to_run: &HashSet<NodeIndex>,
+        report: &mut SolveReport,
+    ) -> Result<(), Error> {
+        let mut covered = HashSet::new();
+        let mut stack = hits;
+        while let Some(ix) = stack.pop() {
+            if to_run.contains(&ix) || plan.immediate.contains_key(&ix) || !covered.insert(ix) {
+                continue;
+            }
+            for input in &plan.graph[ix].inputs {
+                stack.push(plan.input_index(input)?);
+            }
+        }
+        for ix in plan.order.iter().filter(|ix| covered.contains(ix)) {
+            let Some(meta) = def.metadata.get(&plan.digests[ix.index()]) else {
+                continue;
+            };
+            if meta.description.is_empty() {
+                continue;
+            }
+            self.progress.event(ProgressEvent::Cached {
+                description: meta.description.clone(),
+            });
+            report.cached.push(meta.description.clone());
+        }
+        Ok(())
     }
 
     /// Runs one missed node: under the key's lock, unless another build has made it by

@@ -235,9 +235,18 @@ fn a_cached_definition_executes_nothing() {
         .unwrap();
     assert_eq!(again, first);
     assert!(worker.runs().is_empty(), "{:?}", worker.runs());
-    // The walk stops at the root's hit: only it is reported.
-    assert_eq!(report.cached, vec!["[s 3/3] RUN b".to_string()]);
-    assert_eq!(events.cached(), vec!["[s 3/3] RUN b".to_string()]);
+    // The walk stops at the root's hit, and shows every step it stands for as CACHED,
+    // in build order, as BuildKit does.
+    let all: Vec<String> = [
+        "[internal] load base",
+        "[s 1/3] RUN a",
+        "[s 2/3] COPY x",
+        "[s 3/3] RUN b",
+    ]
+    .map(String::from)
+    .to_vec();
+    assert_eq!(report.cached, all);
+    assert_eq!(events.cached(), all);
 }
 
 #[test]
@@ -352,7 +361,10 @@ fn ignore_cache_forces_re_execution_of_only_that_step() {
     worker.reset();
     let (_, report) = solve(&worker, &cache, &linear(true), 4).unwrap();
     assert_eq!(worker.runs(), vec!["[s 3/3] RUN b".to_string()]);
-    assert_eq!(report.cached, vec!["[s 2/3] COPY x".to_string()]);
+    assert_eq!(
+        report.cached,
+        ["[internal] load base", "[s 1/3] RUN a", "[s 2/3] COPY x"].map(String::from)
+    );
 }
 
 #[test]
@@ -368,7 +380,10 @@ fn a_content_change_invalidates_only_its_dependents() {
         worker.runs(),
         vec!["[s 2/3] COPY x".to_string(), "[s 3/3] RUN b".to_string()]
     );
-    assert_eq!(report.cached, vec!["[s 1/3] RUN a".to_string()]);
+    assert_eq!(
+        report.cached,
+        ["[internal] load base", "[s 1/3] RUN a"].map(String::from)
+    );
     // Back to the first content: every step is a hit again.
     worker.reset();
     worker.content.lock().unwrap().insert("x".into(), 1);
