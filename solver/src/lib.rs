@@ -386,8 +386,6 @@ impl<'a> Solver<'a> {
                 results.insert(ix, r.clone());
                 continue;
             }
-            let digest = &plan.digests[ix.index()];
-            let meta = def.metadata.get(digest).cloned().unwrap_or_default();
             let key = plan.keys[&ix];
             if !plan.fresh.contains(&ix) {
                 let hit = self.cache.get(&key).map_err(Error::Cache)?;
