@@ -7,9 +7,12 @@
 //! host (the v2 hierarchy mounted at /sys/fs/cgroup/unified next to v1 controllers) as on
 //! a pure v2 one (/sys/fs/cgroup).
 //!
-//! Steps live in `<cgroup2 mount>/strata/<builder pid>-<n>`. The sandbox init is moved in
-//! before it reads its request, so everything the step forks is inside. The directory is
-//! removed after the step (after killing whatever is left in it, when unwinding).
+//! Steps live in `<cgroup2 mount>/strata/<builder pid>-<n>`. The sandbox init learns the
+//! path from its environment ([`CGROUP_ENV`]) and creates the step's pid 1 right inside it
+//! with `clone3(CLONE_INTO_CGROUP)`, so everything the step runs is inside. (Moving a live
+//! process by writing `cgroup.procs` costs an RCU grace period, milliseconds per step on a
+//! busy host; that is only the fallback for kernels before 5.7.) The directory is removed
+//! after the step (after killing whatever is left in it, when unwinding).
 //!
 //! Without a writable cgroup2 mount there is no meter: the step then simply never reports
 //! idle and the scheduler counts it as busy, i.e. the default bound degrades to a hard
@@ -24,20 +27,34 @@ use std::time::Duration;
 
 /// Directory under the cgroup2 mount holding the steps' cgroups.
 const PARENT: &str = "strata";
+/// Environment variable giving the sandbox init the step's cgroup directory.
+pub(crate) const CGROUP_ENV: &str = "STRATA_SANDBOX_CGROUP";
 
 /// The cumulative CPU time of one step's cgroup. Cheap to clone; reading it after the
 /// step ended gives `None`.
 #[derive(Clone, Debug)]
 pub struct CpuMeter {
-    stat: Arc<PathBuf>,
+    dir: Arc<PathBuf>,
 }
 
 impl CpuMeter {
-    /// CPU time (user + system) the step's processes have used so far.
+    /// CPU time (user + system) the step's processes have used so far; `None` while no
+    /// process is in the cgroup (before pid 1 exists, after the step, or if it could not
+    /// join), so an empty cgroup's zero never passes for an idle step.
     pub fn usage(&self) -> Option<Duration> {
-        let text = fs::read_to_string(self.stat.as_path()).ok()?;
+        let events = fs::read_to_string(self.dir.join("cgroup.events")).ok()?;
+        if !events.lines().any(|l| l == "populated 1") {
+            return None;
+        }
+        let text = fs::read_to_string(self.dir.join("cpu.stat")).ok()?;
         parse_usage_usec(&text).map(Duration::from_micros)
     }
+}
+
+/// Moves the calling process into the cgroup `dir` (the fallback when `clone3` cannot
+/// create a process there directly).
+pub(crate) fn join(dir: &Path) -> io::Result<()> {
+    fs::write(dir.join("cgroup.procs"), "0")
 }
 
 fn parse_usage_usec(cpu_stat: &str) -> Option<u64> {
@@ -160,14 +177,13 @@ impl StepCgroup {
         }
     }
 
-    /// Moves process `pid` (and so, later, all it forks) into the cgroup.
-    pub(crate) fn add(&self, pid: u32) -> io::Result<()> {
-        fs::write(self.path.join("cgroup.procs"), pid.to_string())
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
     }
 
     pub(crate) fn meter(&self) -> CpuMeter {
         CpuMeter {
-            stat: Arc::new(self.path.join("cpu.stat")),
+            dir: Arc::new(self.path.clone()),
         }
     }
 

@@ -2,7 +2,8 @@
 //! is safe. Process tree:
 //!
 //! - outer init (host mount namespace): reads the request from fd 3, unshares the pid, uts,
-//!   ipc (and net) namespaces, forks pid 1, waits for it and removes its state directory;
+//!   ipc (and net) namespaces, forks pid 1 (right into the step's cgroup, see `cgroup.rs`),
+//!   waits for it and removes its state directory;
 //! - pid 1 (own mount namespace): mounts the root and everything in it, pivots, forks the
 //!   command, reaps zombies, kills what is left, removes the mount points it created, and
 //!   reports the outcome on fd 3;
@@ -194,12 +195,18 @@ fn outer() -> Result<i32, SetupError> {
         req.process.hostname.as_str()
     };
     let state = State::create(&req, hostname)?;
-    let result = spawn_pid1(&req, &state, hostname);
+    let cgroup = std::env::var_os(crate::cgroup::CGROUP_ENV).map(PathBuf::from);
+    let result = spawn_pid1(&req, &state, hostname, cgroup.as_deref());
     state.remove();
     result
 }
 
-fn spawn_pid1(req: &RunRequest, state: &State, hostname: &str) -> Result<i32, SetupError> {
+fn spawn_pid1(
+    req: &RunRequest,
+    state: &State,
+    hostname: &str,
+    cgroup: Option<&Path>,
+) -> Result<i32, SetupError> {
     let mut flags = CloneFlags::CLONE_NEWPID | CloneFlags::CLONE_NEWUTS | CloneFlags::CLONE_NEWIPC;
     if req.process.network == Network::None {
         flags |= CloneFlags::CLONE_NEWNET;
@@ -211,8 +218,7 @@ fn spawn_pid1(req: &RunRequest, state: &State, hostname: &str) -> Result<i32, Se
     // Its write end lives only in the outer init: pid 1 sees a hang-up if the outer init died
     // before pid 1 could arm its parent death signal.
     let (alive, alive_w) = pipe2(OFlag::O_CLOEXEC).ctx(|| "create liveness pipe".into())?;
-    // SAFETY: this process is single-threaded (a fresh exec that started no threads).
-    match unsafe { fork() }.ctx(|| "fork sandbox pid 1".into())? {
+    match fork_into_cgroup(cgroup)? {
         ForkResult::Child => {
             drop(alive_w);
             let mut root = None;
@@ -240,6 +246,75 @@ fn spawn_pid1(req: &RunRequest, state: &State, hostname: &str) -> Result<i32, Se
             status
         }
     }
+}
+
+/// `clone3`'s arguments (`struct clone_args`, `CLONE_ARGS_SIZE_VER2`).
+#[repr(C)]
+#[derive(Default)]
+struct CloneArgs {
+    flags: u64,
+    pidfd: u64,
+    child_tid: u64,
+    parent_tid: u64,
+    exit_signal: u64,
+    stack: u64,
+    stack_size: u64,
+    tls: u64,
+    set_tid: u64,
+    set_tid_size: u64,
+    cgroup: u64,
+}
+
+/// `CLONE_INTO_CGROUP` (Linux 5.7).
+const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
+
+/// Forks pid 1, inside the step's cgroup when there is one: created there by
+/// `clone3(CLONE_INTO_CGROUP)` (no migration, see `cgroup.rs`), else forked and moved in.
+/// A step that cannot join its cgroup still runs; its meter then reads nothing (busy).
+fn fork_into_cgroup(cgroup: Option<&Path>) -> Result<ForkResult, SetupError> {
+    let dir = cgroup.and_then(|p| {
+        nix::fcntl::open(
+            p,
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .ok()
+    });
+    if let Some(dir) = &dir {
+        let args = CloneArgs {
+            flags: CLONE_INTO_CGROUP,
+            exit_signal: libc::SIGCHLD as u64,
+            cgroup: dir.as_raw_fd() as u64,
+            ..CloneArgs::default()
+        };
+        // SAFETY: as fork(2) (no stack given: the child continues on a copy of this one);
+        // this process is single-threaded, so no lock is held by a thread the child lacks.
+        // Unlike glibc's fork, this does not refresh glibc's cached thread id in the child,
+        // which only pthread_kill/raise would use; pid 1 uses neither.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_clone3,
+                &args as *const CloneArgs,
+                std::mem::size_of::<CloneArgs>(),
+            )
+        };
+        match rc {
+            0 => return Ok(ForkResult::Child),
+            pid if pid > 0 => {
+                return Ok(ForkResult::Parent {
+                    child: Pid::from_raw(pid as libc::pid_t),
+                })
+            }
+            // ENOSYS, E2BIG (older kernels): fork and move in below.
+            _ => {}
+        }
+    }
+    // SAFETY: this process is single-threaded (a fresh exec that started no threads).
+    let forked = unsafe { fork() }.ctx(|| "fork sandbox pid 1".into())?;
+    if let (ForkResult::Child, Some(p)) = (&forked, cgroup) {
+        let _ = crate::cgroup::join(p);
+    }
+    Ok(forked)
 }
 
 fn loopback_up() -> Result<(), SetupError> {

@@ -193,15 +193,16 @@ impl Sandbox {
         if let Some(tmp) = std::env::var_os("TMPDIR") {
             cmd.env("TMPDIR", tmp);
         }
+        if let Some(cg) = &cgroup {
+            cmd.env(cgroup::CGROUP_ENV, cg.path());
+        }
         let child = cmd.spawn().map_err(Error::Spawn)?;
         drop(child_sock);
         let mut child = KillOnDrop(Some(child));
-        // The init reads its whole request before it forks anything, so moving it now
-        // puts every process of the step in the cgroup.
-        if let (Some(cg), Some(c)) = (&cgroup, child.0.as_ref()) {
-            if cg.add(c.id()).is_ok() {
-                started(cg.meter());
-            }
+        // The init creates the step's pid 1 inside the cgroup; until then (and if that
+        // failed) the meter reads nothing, which the scheduler takes as busy.
+        if let Some(cg) = &cgroup {
+            started(cg.meter());
         }
         // A failed write means the init is gone; its exit status tells why.
         let _ = sock
