@@ -1035,9 +1035,12 @@ struct Recorder<'a> {
 }
 
 impl Recorder<'_> {
-    /// Something that is not a recorded file was written at `rel`.
-    fn forget(&mut self, rel: &Path) {
-        self.links.cancel(rel);
+    /// Something that is not a recorded file is written at `rel`; `replaced` when
+    /// something was there (only then can a link be pending at `rel`).
+    fn forget(&mut self, rel: &Path, replaced: bool) {
+        if replaced {
+            self.links.cancel(rel);
+        }
         self.manifest.remove(rel);
     }
 }
@@ -1102,10 +1105,21 @@ impl CopyVisitor<'_, '_> {
     }
 
     /// A regular, singly-linked source file of a recorded context copy: linked from the
-    /// previous result when that file stands for a fresh copy (a placeholder now, the link
-    /// after the unmount), else copied; either way recorded in the manifest when its
-    /// content is known.
-    fn copy_recorded(&mut self, e: &WalkEntry, dst: &Path) -> Result<(), FileOpError> {
+    /// previous result after the unmount when that file stands for a fresh copy, else
+    /// copied; either way recorded in the manifest when its content is known.
+    ///
+    /// A file to be linked into a directory this walk created (`fresh_dir`) needs nothing
+    /// now: the directory is in the upper dir already and no other write can meet that
+    /// name. Elsewhere an empty placeholder is created through the overlay, so the
+    /// directory is copied up and later lookups (another source writing the same path)
+    /// see a file there, as after a full copy.
+    fn copy_recorded(
+        &mut self,
+        e: &WalkEntry,
+        dst: &Path,
+        fresh_dir: bool,
+        replaced: bool,
+    ) -> Result<(), FileOpError> {
         let rel = dst.strip_prefix(self.dest_root).ok().map(Path::to_path_buf);
         let attrs = self.attrs(e);
         let names = xattr_names(e.abs);
@@ -1120,18 +1134,25 @@ impl CopyVisitor<'_, '_> {
             )?),
             _ => None,
         };
+        if let (Some(rec), Some(rel)) = (self.rec.as_deref_mut(), &rel) {
+            if replaced {
+                rec.links.cancel(rel);
+            }
+        }
         if let (Some(rec), Some(rel), Some(d)) = (self.rec.as_deref_mut(), &rel, digest) {
             if let Some(prev) = rec.previous {
                 if let Some(id) = linkable(prev, &mut rec.prev_dirs, rel, &d, &attrs) {
-                    create_placeholder(dst)?;
-                    rec.links.add(rel, e.abs, attrs, id);
+                    if !fresh_dir {
+                        create_placeholder(dst)?;
+                    }
+                    rec.links.add(rel, e.abs, attrs, id, !fresh_dir);
                     rec.manifest.insert(rel, d);
                     return Ok(());
                 }
             }
         }
         if let (Some(rec), Some(rel)) = (self.rec.as_deref_mut(), &rel) {
-            rec.forget(rel);
+            rec.manifest.remove(rel);
         }
         let after = copy_file_content(e.abs, dst)?;
         self.apply_meta(e, dst, names.as_deref())?;
@@ -1175,18 +1196,28 @@ impl Visitor for CopyVisitor<'_, '_> {
                 }
             }
             WalkEvent::Leaf => {
-                match fs::symlink_metadata(&dst) {
-                    Ok(md) if md.is_dir() => return Err(FileOpError::ReplaceDirWithFile(dst)),
-                    Ok(_) => fs::remove_file(&dst).map_err(io_err("remove", &dst))?,
-                    Err(_) => {}
+                // In a directory this walk created, only this walk writes, and it visits
+                // each name once: nothing can be in the way (and the lookup, through
+                // every layer of an overlay, is a good part of a small file's copy).
+                let fresh_dir = self.created.last() == Some(&true);
+                let mut replaced = false;
+                if !fresh_dir {
+                    match fs::symlink_metadata(&dst) {
+                        Ok(md) if md.is_dir() => return Err(FileOpError::ReplaceDirWithFile(dst)),
+                        Ok(_) => {
+                            fs::remove_file(&dst).map_err(io_err("remove", &dst))?;
+                            replaced = true;
+                        }
+                        Err(_) => {}
+                    }
                 }
                 let ft = e.md.file_type();
                 if ft.is_file() && e.md.nlink() == 1 && self.rec.is_some() {
-                    return self.copy_recorded(e, &dst);
+                    return self.copy_recorded(e, &dst, fresh_dir, replaced);
                 }
                 if let Some(rec) = self.rec.as_deref_mut() {
                     if let Ok(rel) = dst.strip_prefix(self.dest_root) {
-                        rec.forget(rel);
+                        rec.forget(rel, replaced);
                     }
                 }
                 if ft.is_file() {

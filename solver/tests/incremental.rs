@@ -287,3 +287,55 @@ fn manifests_round_trip_and_torn_ones_are_refused() {
     m.save(&path).unwrap();
     assert_eq!(CopyManifest::load(&path), Some(m));
 }
+
+#[test]
+fn two_sources_writing_one_path_end_as_a_full_copy() {
+    let ctx = TempDir::new().unwrap();
+    let r = ctx.path();
+    write(r, "s1/x", "first", 1_500_000_001);
+    write(r, "s1/sub/y", "first y", 1_500_000_002);
+    write(r, "s2/x", "second", 1_500_000_003);
+    write(r, "s2/sub/y", "second y", 1_500_000_004);
+    let cache = StatCache::new();
+    let first = copy(r, cp("s*", "/out/"), &cache, None);
+    assert_eq!(
+        fs::read(first.dest.path().join("out/x")).unwrap(),
+        b"second"
+    );
+    // The manifest holds what is there at the end: s2's files.
+    let second = copy(r, cp("s*", "/out/"), &cache, Some(&previous(&first)));
+    assert_eq!(second.outcome.links.len(), 2, "x and sub/y, both from s2");
+    let report = second
+        .outcome
+        .links
+        .finish(second.dest.path(), &previous(&first))
+        .unwrap();
+    assert_eq!((report.linked, report.copied), (2, 0));
+    let full = copy(r, cp("s*", "/out/"), &cache, None);
+    assert_eq!(tree(second.dest.path()), tree(full.dest.path()));
+    assert_eq!(
+        ino(&second.dest.path().join("out/sub/y")),
+        ino(&first.dest.path().join("out/sub/y"))
+    );
+}
+
+#[test]
+fn a_file_copied_to_another_name_falls_back_to_its_own_source() {
+    let ctx = context();
+    let cache = StatCache::new();
+    let mut single = cp("src/a", "/renamed");
+    single.dir_contents_only = false;
+    let first = copy(ctx.path(), single.clone(), &cache, None);
+    let prev = previous(&first);
+    let second = copy(ctx.path(), single.clone(), &cache, Some(&prev));
+    assert_eq!(second.outcome.links.len(), 1);
+    fs::remove_file(first.dest.path().join("renamed")).unwrap();
+    let report = second
+        .outcome
+        .links
+        .finish(second.dest.path(), &prev)
+        .unwrap();
+    assert_eq!((report.linked, report.copied), (0, 1));
+    let full = copy(ctx.path(), single, &cache, None);
+    assert_eq!(tree(second.dest.path()), tree(full.dest.path()));
+}
