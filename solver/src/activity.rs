@@ -4,7 +4,9 @@
 //! the step's CPU time (the real worker: the sandbox's cgroup) hands it a meter; every
 //! [`SAMPLE_EVERY`] the scheduler reads the meter of each running step, and a step that
 //! used less than [`IDLE_SHARE`] of one core over the window since the previous reading
-//! counts as idle. Tests' fake workers say idle or busy directly. A step without a meter
+//! counts as idle (and [`FIRST_VERDICT`] after starting steps while others wait for a slot,
+//! so a sleeping step frees its slot within ~60 ms). Tests' fake workers say idle or busy
+//! directly. A step without a meter
 //! (file ops, pulls, a sandbox without cgroups) is busy unless its worker says otherwise.
 //!
 //! [`Bound::BusySteps`]: crate::Bound::BusySteps
@@ -19,6 +21,10 @@ pub const SAMPLE_EVERY: Duration = Duration::from_millis(100);
 pub const IDLE_SHARE: f64 = 0.25;
 /// Readings closer together than this are too noisy to judge by: keep the last verdict.
 const MIN_WINDOW: Duration = Duration::from_millis(50);
+/// When steps wait for a slot, the scheduler reads a step this soon after starting it
+/// (a little more than [`MIN_WINDOW`] after its meter is set), not at the next
+/// [`SAMPLE_EVERY`] tick.
+pub const FIRST_VERDICT: Duration = Duration::from_millis(60);
 
 type ReadCpu = Box<dyn Fn() -> Option<Duration> + Send + Sync>;
 
@@ -36,10 +42,11 @@ pub struct StepActivity {
 }
 
 impl StepActivity {
-    /// Gives the step a meter: `read` returns the step's cumulative CPU time (`None` when it
-    /// cannot be read, which keeps the last verdict). The first window starts now.
+    /// Gives the step a meter: `read` returns the CPU time the step has used since the
+    /// meter was made (`None` when it cannot be read, which keeps the last verdict; at the
+    /// start, when nothing ran yet, that counts as zero). The first window starts now.
     pub fn set_meter(&self, read: impl Fn() -> Option<Duration> + Send + Sync + 'static) {
-        let last = read().map(|used| (Instant::now(), used));
+        let last = Some((Instant::now(), read().unwrap_or_default()));
         let mut meter = self.meter.lock().unwrap_or_else(|p| p.into_inner());
         *meter = Some(Meter {
             read: Box::new(read),
@@ -123,6 +130,21 @@ mod tests {
         a.clear_meter();
         a.sample(t0 + Duration::from_millis(400));
         assert!(!a.is_idle());
+    }
+
+    #[test]
+    fn a_meter_unreadable_at_the_start_counts_from_zero() {
+        // The real meter reads nothing until the step's first process exists.
+        let usec = Arc::new(AtomicU64::new(u64::MAX));
+        let a = StepActivity::default();
+        let reading = usec.clone();
+        a.set_meter(move || {
+            let v = reading.load(Ordering::SeqCst);
+            (v != u64::MAX).then(|| Duration::from_micros(v))
+        });
+        usec.store(5_000, Ordering::SeqCst);
+        a.sample(Instant::now() + Duration::from_millis(100));
+        assert!(a.is_idle(), "5 ms of CPU since the start is idle");
     }
 
     #[test]

@@ -533,7 +533,10 @@ impl<'a> Solver<'a> {
         std::thread::scope(|scope| {
             let mut running: HashMap<NodeIndex, Arc<StepActivity>> = HashMap::new();
             let mut next_sample = Instant::now() + activity::SAMPLE_EVERY;
+            // An extra sample soon after starting steps while others wait for a slot.
+            let mut verdict_due: Option<Instant> = None;
             loop {
+                let mut started = false;
                 if !self.cancel.load(Ordering::SeqCst) && failure.is_none() {
                     while self.may_start(&running) {
                         let Some(n) = ready.pop_front() else { break };
@@ -566,6 +569,7 @@ impl<'a> Solver<'a> {
                         let tx = tx.clone();
                         let activity = Arc::new(StepActivity::default());
                         running.insert(n, activity.clone());
+                        started = true;
                         scope.spawn(move || {
                             let outcome =
                                 self.run_one(node, &meta, &key, &inputs, fresh, &activity);
@@ -576,21 +580,32 @@ impl<'a> Solver<'a> {
                 if running.is_empty() {
                     break;
                 }
+                if started && !ready.is_empty() {
+                    // Steps wait for a slot: judge the new ones as soon as a window is
+                    // long enough, not only at the next regular sample.
+                    verdict_due = Some(Instant::now() + activity::FIRST_VERDICT);
+                }
                 let message = match self.bound {
                     Bound::Steps => rx.recv().ok(),
                     Bound::BusySteps => {
                         let now = Instant::now();
-                        if now >= next_sample {
+                        let due = verdict_due.map_or(next_sample, |v| v.min(next_sample));
+                        if now >= due {
                             for a in running.values() {
                                 a.sample(now);
                             }
-                            next_sample = now + activity::SAMPLE_EVERY;
+                            if verdict_due.is_some_and(|v| now >= v) {
+                                verdict_due = None;
+                            }
+                            if now >= next_sample {
+                                next_sample = now + activity::SAMPLE_EVERY;
+                            }
                             // A step that went idle frees a slot: try to start more.
                             continue;
                         }
                         // A finished step wakes this at once; the timeout only paces
                         // the sampling.
-                        match rx.recv_timeout(next_sample - now) {
+                        match rx.recv_timeout(due - now) {
                             Ok(m) => Some(m),
                             Err(RecvTimeoutError::Timeout) => continue,
                             Err(RecvTimeoutError::Disconnected) => None,
