@@ -345,51 +345,73 @@ impl PendingLinks {
     /// when the link cannot be made. The directories' times are put back as the copy left
     /// them (a link changes its directory's mtime).
     pub fn finish(&self, upper: &Path, prev: &PreviousCopy) -> Result<LinkReport, FileOpError> {
+        use rayon::prelude::*;
         let root = OwnedFd::from(File::open(upper).map_err(io_err("open", upper))?);
-        let mut report = LinkReport::default();
-        for (dir, files) in self.dirs.iter().filter(|(_, f)| !f.is_empty()) {
-            let abs_dir = upper.join(dir);
-            let dfd = open_beneath(&root, dir, libc::O_RDONLY | libc::O_DIRECTORY)
-                .map_err(io_err("open", &abs_dir))?;
-            let times = fstat(&dfd).map_err(io_err("stat", &abs_dir))?;
-            let prev_dir = open_beneath(&prev.root, dir, libc::O_PATH | libc::O_DIRECTORY).ok();
-            for (name, link) in files {
-                let path = abs_dir.join(&**name);
-                let c = cstr(name).map_err(io_err("link", &path))?;
-                if link.placeholder {
-                    // Only ever our own empty placeholder is replaced.
-                    match stat_at(&dfd, name).map_err(io_err("stat", &path))? {
-                        Some(st)
-                            if st.st_mode & libc::S_IFMT == libc::S_IFREG && st.st_size == 0 => {}
-                        _ => {
-                            return Err(FileOpError::Io {
-                                action: "link",
-                                path,
-                                source: io::Error::other("the placeholder changed"),
-                            })
-                        }
-                    }
-                    // SAFETY: valid directory fd and NUL-terminated name.
-                    check(unsafe { libc::unlinkat(dfd.as_raw_fd(), c.as_ptr(), 0) })
-                        .map_err(io_err("remove", &path))?;
-                }
-                if prev_dir
-                    .as_ref()
-                    .is_some_and(|p| link_from(p, &dfd, &c, link))
-                {
-                    report.linked += 1;
-                } else {
-                    copy_into(&dfd, &c, &path, &link.src(name), &link.attrs)?;
-                    report.copied += 1;
+        // Directories are independent (a link changes only its own directory), so they
+        // are linked on all cores.
+        let reports = self
+            .dirs
+            .par_iter()
+            .filter(|(_, f)| !f.is_empty())
+            .map(|(dir, files)| link_dir(&root, upper, prev, dir, files))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(reports
+            .iter()
+            .fold(LinkReport::default(), |a, r| LinkReport {
+                linked: a.linked + r.linked,
+                copied: a.copied + r.copied,
+            }))
+    }
+}
+
+/// [`PendingLinks::finish`] for the files of one directory.
+fn link_dir(
+    root: &OwnedFd,
+    upper: &Path,
+    prev: &PreviousCopy,
+    dir: &Path,
+    files: &DirLinks,
+) -> Result<LinkReport, FileOpError> {
+    let mut report = LinkReport::default();
+    let abs_dir = upper.join(dir);
+    let dfd = open_beneath(root, dir, libc::O_RDONLY | libc::O_DIRECTORY)
+        .map_err(io_err("open", &abs_dir))?;
+    let times = fstat(&dfd).map_err(io_err("stat", &abs_dir))?;
+    let prev_dir = open_beneath(&prev.root, dir, libc::O_PATH | libc::O_DIRECTORY).ok();
+    for (name, link) in files {
+        let path = abs_dir.join(&**name);
+        let c = cstr(name).map_err(io_err("link", &path))?;
+        if link.placeholder {
+            // Only ever our own empty placeholder is replaced.
+            match stat_at(&dfd, name).map_err(io_err("stat", &path))? {
+                Some(st) if st.st_mode & libc::S_IFMT == libc::S_IFREG && st.st_size == 0 => {}
+                _ => {
+                    return Err(FileOpError::Io {
+                        action: "link",
+                        path,
+                        source: io::Error::other("the placeholder changed"),
+                    })
                 }
             }
-            let ts = [timespec(times.0), timespec(times.1)];
-            // SAFETY: valid fd and a two-element timespec array.
-            check(unsafe { libc::futimens(dfd.as_raw_fd(), ts.as_ptr()) })
-                .map_err(io_err("set times of", &abs_dir))?;
+            // SAFETY: valid directory fd and NUL-terminated name.
+            check(unsafe { libc::unlinkat(dfd.as_raw_fd(), c.as_ptr(), 0) })
+                .map_err(io_err("remove", &path))?;
         }
-        Ok(report)
+        if prev_dir
+            .as_ref()
+            .is_some_and(|p| link_from(p, &dfd, &c, link))
+        {
+            report.linked += 1;
+        } else {
+            copy_into(&dfd, &c, &path, &link.src(name), &link.attrs)?;
+            report.copied += 1;
+        }
     }
+    let ts = [timespec(times.0), timespec(times.1)];
+    // SAFETY: valid fd and a two-element timespec array.
+    check(unsafe { libc::futimens(dfd.as_raw_fd(), ts.as_ptr()) })
+        .map_err(io_err("set times of", &abs_dir))?;
+    Ok(report)
 }
 
 /// Links `name` of `from` to `name` in `to`, and keeps it only if it is the inode the
