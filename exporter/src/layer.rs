@@ -124,23 +124,21 @@ pub fn export_layer(
     opts: &DiffOptions,
 ) -> Result<LayerBlob> {
     compression.validate()?;
-    let writer = store
-        .writer()
-        .map_err(|e| Error::content("open content writer for layer", e))?;
-    let (out, writer) = compress_pipeline(compression, writer, |w| {
+    // `write_layer` hashes the tar as it writes it, which is the diff ID; an uncompressed
+    // blob is the tar itself, so the content writer need not hash it a second time.
+    let uncompressed = *compression == Compression::Uncompressed;
+    let writer = if uncompressed {
+        store.writer_for_known_digest()
+    } else {
+        store.writer()
+    }
+    .map_err(|e| Error::content("open content writer for layer", e))?;
+    let (out, writer) = compress_pipeline(compression, writer, Hash::ByProducer, |w| {
         write_layer(upper, w, opts)
             .map_err(|e| Error::content(format!("write layer tar of {}", upper.display()), e))
     })?;
-    if out.reported != out.diff_id {
-        return Err(Error::InvalidData(format!(
-            "layer tar of {}: write_layer reported diff id {} but the bytes hash to {}",
-            upper.display(),
-            out.reported,
-            out.diff_id
-        )));
-    }
     let (digest, size) = writer
-        .commit(None)
+        .commit(uncompressed.then_some(&out.diff_id))
         .map_err(|e| Error::content("commit layer blob", e))?;
     Ok(LayerBlob {
         digest,
@@ -227,7 +225,7 @@ pub fn recompress_blob(
         .writer()
         .map_err(|e| Error::content("open content writer for layer", e))?;
     let expected = blob.diff_id.clone();
-    let (out, writer) = compress_pipeline(compression, writer, move |w| {
+    let (out, writer) = compress_pipeline(compression, writer, Hash::InPipeline, move |w| {
         let mut r = io::BufReader::new(file);
         let kind = {
             let head = io::BufRead::fill_buf(&mut r)
@@ -282,9 +280,19 @@ const CHUNKS_IN_FLIGHT: usize = 8;
 
 /// Runs `produce` on a scoped thread writing into a bounded channel; this thread hashes and
 /// compresses what arrives into `sink`, which is returned once the compressor is finished.
+/// Who hashes the uncompressed bytes for the diff ID.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Hash {
+    /// The producer returns the digest of what it wrote (`write_layer` does): trusted.
+    ByProducer,
+    /// The pipeline hashes what passes; the producer returns what it should be.
+    InPipeline,
+}
+
 pub(crate) fn compress_pipeline<W, F>(
     compression: &Compression,
     sink: W,
+    hash: Hash,
     produce: F,
 ) -> Result<(PipelineOutput, W)>
 where
@@ -304,16 +312,16 @@ where
             Ok::<_, Error>(reported)
         });
 
-        let consumed = consume(compression, sink, rx);
+        let consumed = consume(compression, sink, rx, hash == Hash::InPipeline);
         // The receiver is gone once `consume` returns, so a producer still writing fails
         // with a broken pipe instead of blocking forever.
         let produced = producer
             .join()
             .map_err(|_| Error::InvalidData("layer tar writer thread panicked".into()))?;
         match (produced, consumed) {
-            (Ok(reported), Ok((diff_id, uncompressed_size, sink))) => Ok((
+            (Ok(reported), Ok((hashed, uncompressed_size, sink))) => Ok((
                 PipelineOutput {
-                    diff_id,
+                    diff_id: hashed.unwrap_or_else(|| reported.clone()),
                     reported,
                     uncompressed_size,
                 },
@@ -330,12 +338,15 @@ fn consume<W: Write>(
     compression: &Compression,
     sink: W,
     rx: mpsc::Receiver<Vec<u8>>,
-) -> Result<(Digest, u64, W)> {
+    hash: bool,
+) -> Result<(Option<Digest>, u64, W)> {
     let mut enc = Encoder::new(compression, sink)?;
-    let mut hasher = Sha256::new();
+    let mut hasher = hash.then(Sha256::new);
     let mut n = 0u64;
     for chunk in rx {
-        hasher.update(&chunk);
+        if let Some(h) = hasher.as_mut() {
+            h.update(&chunk);
+        }
         n += chunk.len() as u64;
         enc.write_all(&chunk)
             .map_err(|e| Error::io("compress layer", e))?;
@@ -343,8 +354,13 @@ fn consume<W: Write>(
     let sink = enc
         .finish()
         .map_err(|e| Error::io("finish layer compression", e))?;
-    let diff_id = Digest::parse(&format!("sha256:{}", hex::encode(hasher.finalize())))
-        .ok_or_else(|| Error::InvalidData("sha256 produced a malformed digest".into()))?;
+    let diff_id = match hasher {
+        Some(h) => Some(
+            Digest::parse(&format!("sha256:{}", hex::encode(h.finalize())))
+                .ok_or_else(|| Error::InvalidData("sha256 produced a malformed digest".into()))?,
+        ),
+        None => None,
+    };
     Ok((diff_id, n, sink))
 }
 
@@ -488,7 +504,7 @@ mod tests {
     }
 
     fn run(c: &Compression, input: &[u8]) -> (PipelineOutput, Vec<u8>) {
-        compress_pipeline(c, Vec::new(), |w| {
+        compress_pipeline(c, Vec::new(), Hash::InPipeline, |w| {
             // Odd write sizes cross chunk boundaries.
             for part in input.chunks(10_007) {
                 w.write_all(part).map_err(|e| Error::io("test write", e))?;
@@ -536,7 +552,7 @@ mod tests {
 
     #[test]
     fn producer_error_is_reported() {
-        let err = compress_pipeline(&Compression::default(), Vec::new(), |w| {
+        let err = compress_pipeline(&Compression::default(), Vec::new(), Hash::InPipeline, |w| {
             w.write_all(&[1; 200_000])
                 .map_err(|e| Error::io("test write", e))?;
             Err(Error::InvalidArgument("boom".into()))
@@ -558,13 +574,18 @@ mod tests {
 
     #[test]
     fn sink_error_stops_the_producer_without_hanging() {
-        let err = compress_pipeline(&Compression::Uncompressed, FailingSink, |w| {
-            for _ in 0..1000 {
-                w.write_all(&[0; 65536])
-                    .map_err(|e| Error::io("test write", e))?;
-            }
-            Ok(Digest::of(b""))
-        })
+        let err = compress_pipeline(
+            &Compression::Uncompressed,
+            FailingSink,
+            Hash::InPipeline,
+            |w| {
+                for _ in 0..1000 {
+                    w.write_all(&[0; 65536])
+                        .map_err(|e| Error::io("test write", e))?;
+                }
+                Ok(Digest::of(b""))
+            },
+        )
         .err()
         .unwrap();
         assert!(err.to_string().contains("compress layer"), "{err}");

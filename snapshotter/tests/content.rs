@@ -102,3 +102,34 @@ fn duplicate_and_concurrent_commits_are_fine() {
     assert_eq!(s.read(&want).unwrap(), *data);
     assert!(ingest_is_empty(&dir));
 }
+
+#[test]
+fn a_writer_for_a_known_digest_commits_under_that_digest_only() {
+    let (dir, s) = store();
+    let mut w = s.writer_for_known_digest().unwrap();
+    w.write_all(b"layer tar").unwrap();
+    assert!(
+        w.commit(None).is_err(),
+        "nothing to name the blob by: refused"
+    );
+    assert!(ingest_is_empty(&dir));
+
+    let d = Digest::of(b"layer tar");
+    let mut w = s.writer_for_known_digest().unwrap();
+    w.write_all(b"layer tar").unwrap();
+    assert_eq!(w.commit(Some(&d)).unwrap(), (d.clone(), 9));
+    assert_eq!(s.read(&d).unwrap(), b"layer tar");
+    assert!(ingest_is_empty(&dir));
+}
+
+#[test]
+fn putting_a_stored_blob_again_writes_nothing() {
+    let (dir, s) = store();
+    let (d, _) = s.put(b"config", None).unwrap();
+    // Without the ingest directory no blob can be written: a second put of the same
+    // bytes succeeds only because it writes nothing.
+    fs::remove_dir(dir.path().join("ingest")).unwrap();
+    assert_eq!(s.put(b"config", Some(&d)).unwrap(), (d.clone(), 6));
+    assert_eq!(s.put(b"config", None).unwrap(), (d, 6));
+    assert!(s.put(b"other", None).is_err());
+}
