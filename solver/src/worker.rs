@@ -49,9 +49,15 @@ pub struct RealWorker {
     /// Link unchanged files of a context COPY from the previous result of the same step
     /// (off for `--no-cache`: such a build reuses nothing a previous build made).
     pub reuse_previous_copies: bool,
+    /// Told of every exec or file op result as soon as it is committed (the CLI starts
+    /// exporting the final image's layers while later steps run).
+    pub on_result: Option<ResultHook>,
     /// Serializes pulls of one chain so two nodes never apply the same layer at once.
     pull_lock: Mutex<()>,
 }
+
+/// See [`RealWorker::on_result`]: the step's node and its result snapshot.
+pub type ResultHook = Arc<dyn Fn(&Node, &str) + Send + Sync>;
 
 impl RealWorker {
     #[allow(clippy::too_many_arguments)]
@@ -76,6 +82,7 @@ impl RealWorker {
             stat_cache,
             run_env: RunEnv::default(),
             reuse_previous_copies: true,
+            on_result: None,
             pull_lock: Mutex::new(()),
         }
     }
@@ -665,6 +672,11 @@ impl Worker for RealWorker {
             Op::File(op) => self.exec_file(node, op, meta, key, inputs, progress),
             Op::Merge => Err("merge ops are not supported yet".into()),
         }
+        .inspect(|r| {
+            if let (Ref::Snapshot(name), Some(hook)) = (r, &self.on_result) {
+                hook(node, name);
+            }
+        })
     }
 
     fn exists(&self, r: &Ref) -> bool {

@@ -229,6 +229,13 @@ pub fn run(cli: &Cli, args: &BuildArgs) -> Result<i32> {
     );
     worker.run_env = run_env;
     worker.reuse_previous_copies = !args.no_cache;
+    let prefetch =
+        super::outputs::LayerPrefetch::start(&store, &plan.definition, &outputs, source_date_epoch)
+            .map(Arc::new);
+    if let Some(p) = &prefetch {
+        let p = p.clone();
+        worker.on_result = Some(Arc::new(move |node, snapshot| p.offer(node, snapshot)));
+    }
     // An explicit --max-parallelism is a hard bound on running steps; the default bounds
     // only the CPU-busy ones by the core count, so sleeping or network-bound RUN steps of
     // independent stages overlap beyond it.
@@ -261,6 +268,9 @@ pub fn run(cli: &Cli, args: &BuildArgs) -> Result<i32> {
     let solver =
         Solver::new(&restoring, &cache, &progress, parallelism, &CANCELLED).with_bound(bound);
     let solved = solver.solve(&plan.definition);
+    if let Some(p) = &prefetch {
+        p.finish();
+    }
     let _ = stat_cache.save();
     let imported = cache.report();
     if imported.hits > 0 {

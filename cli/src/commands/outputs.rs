@@ -7,15 +7,16 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use anyhow::{anyhow, bail, Context, Result};
 use strata_dag::image::{History, ImageConfig};
 use strata_exporter::{Compression, ImageRecord, ImageStore, LayerBlob};
 use strata_registry::Reference;
+use strata_snapshotter::content::ContentStore;
 use strata_snapshotter::layer::DiffOptions;
 use strata_snapshotter::mount::MountGuard;
-use strata_snapshotter::Snapshotter;
+use strata_snapshotter::{OverlaySnapshotter, Snapshotter};
 use strata_solver::progress::{Progress, ProgressEvent};
 use strata_solver::worker::{snapshot_chain, LABEL_BLOB, LABEL_CACHE_KEY};
 use strata_solver::Ref;
@@ -295,7 +296,24 @@ pub(crate) fn blob_label(compression: &Compression, epoch: Option<i64>) -> Strin
     }
 }
 
-fn stored_blob(labels: &BTreeMap<String, String>, key: &str, store: &Store) -> Option<LayerBlob> {
+/// What making layer blobs needs of the store; owned (shared), so a background thread can
+/// make them while the build runs (see [`LayerPrefetch`]).
+#[derive(Clone)]
+pub(crate) struct Layers {
+    snapshotter: Arc<OverlaySnapshotter>,
+    content: Arc<ContentStore>,
+}
+
+impl Layers {
+    pub(crate) fn of(store: &Store) -> Self {
+        Layers {
+            snapshotter: store.snapshotter.clone(),
+            content: store.content.clone(),
+        }
+    }
+}
+
+fn stored_blob(labels: &BTreeMap<String, String>, key: &str, store: &Layers) -> Option<LayerBlob> {
     labels
         .get(key)
         .and_then(|s| serde_json::from_str::<LayerBlob>(s).ok())
@@ -310,7 +328,7 @@ fn stored_blob(labels: &BTreeMap<String, String>, key: &str, store: &Store) -> O
 /// BuildKit's rewrite-timestamp does. Built layers are diffed with the requested
 /// compression (its level only matters when the blob is first made).
 fn layer_blob(
-    store: &Store,
+    store: &Layers,
     name: &str,
     opts: &ImageOptions,
     epoch: Option<i64>,
@@ -370,7 +388,7 @@ fn layer_blob(
     Ok(b)
 }
 
-fn remember(store: &Store, name: &str, key: &str, blob: &LayerBlob) -> Result<()> {
+fn remember(store: &Layers, name: &str, key: &str, blob: &LayerBlob) -> Result<()> {
     let mut labels = BTreeMap::new();
     labels.insert(key.to_string(), serde_json::to_string(blob)?);
     store.snapshotter.update_labels(name, labels)?;
@@ -398,6 +416,7 @@ fn assemble_image(
     progress: &dyn Progress,
 ) -> Result<ImageRecord> {
     let chain = snapshot_chain(store.snapshotter.as_ref(), result).map_err(|e| anyhow!(e))?;
+    let layers = Layers::of(store);
     let slots: Vec<Mutex<Option<Result<LayerBlob>>>> =
         chain.iter().map(|_| Mutex::new(None)).collect();
     let next = AtomicUsize::new(0);
@@ -412,7 +431,7 @@ fn assemble_image(
                 let (Some(name), Some(slot)) = (chain.get(i), slots.get(i)) else {
                     return;
                 };
-                let r = layer_blob(store, name, opts, epoch)
+                let r = layer_blob(&layers, name, opts, epoch)
                     .with_context(|| format!("export layer {name}"));
                 *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
             });
@@ -497,6 +516,90 @@ fn layer_times(store: &Store, chain: &[String], history: &mut [History]) -> Resu
         }
     }
     Ok(())
+}
+
+/// Makes the layer blobs of the final image in the background while the build goes on:
+/// each step on the final stage's chain (the root and its rootfs/base inputs, down to the
+/// image) hands its result over as soon as it is committed, and one thread makes its blob
+/// for the first image output, remembering it in the snapshot's labels as the export
+/// would. The export then finds them made. Layers of other stages are never made.
+pub(crate) struct LayerPrefetch {
+    chain: std::collections::HashSet<strata_dag::Digest>,
+    jobs: Mutex<Option<std::sync::mpsc::Sender<String>>>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl LayerPrefetch {
+    /// `None` when no output needs an image.
+    pub(crate) fn start(
+        store: &Store,
+        def: &strata_dag::Definition,
+        outputs: &[OutputSpec],
+        epoch: Option<i64>,
+    ) -> Option<LayerPrefetch> {
+        let opts = outputs.iter().find(|o| o.needs_image())?.image.clone();
+        let chain = final_chain(def);
+        let layers = Layers::of(store);
+        let (tx, rx) = std::sync::mpsc::channel::<String>();
+        let thread = std::thread::Builder::new()
+            .name("strata-layer-prefetch".into())
+            .spawn(move || {
+                for name in rx {
+                    // A failure here is met again, and reported, by the export itself.
+                    let _ = layer_blob(&layers, &name, &opts, epoch);
+                }
+            })
+            .ok()?;
+        Some(LayerPrefetch {
+            chain,
+            jobs: Mutex::new(Some(tx)),
+            thread: Mutex::new(Some(thread)),
+        })
+    }
+
+    /// For [`strata_solver::worker::RealWorker::on_result`].
+    pub(crate) fn offer(&self, node: &strata_dag::Node, snapshot: &str) {
+        if !self.chain.contains(&node.digest()) {
+            return;
+        }
+        if let Some(tx) = self.jobs.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            let _ = tx.send(snapshot.to_string());
+        }
+    }
+
+    /// Waits until every offered layer is made.
+    pub(crate) fn finish(&self) {
+        self.jobs.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(t) = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The nodes whose results are layers of the final image: the root and, down from it, the
+/// input each step is made on (an exec's rootfs, a file op's base) until the image.
+fn final_chain(def: &strata_dag::Definition) -> std::collections::HashSet<strata_dag::Digest> {
+    let by_digest: std::collections::HashMap<strata_dag::Digest, &strata_dag::Node> =
+        def.nodes.iter().map(|n| (n.digest(), n)).collect();
+    let mut chain = std::collections::HashSet::new();
+    let mut next = def.root.as_ref().map(|r| r.digest.clone());
+    while let Some(digest) = next.take() {
+        let Some(node) = by_digest.get(&digest) else {
+            break;
+        };
+        let base = match &node.op {
+            strata_dag::Op::Exec(e) => e.rootfs_input,
+            strata_dag::Op::File(f) => f.base_input,
+            _ => None,
+        };
+        next = base
+            .and_then(|i| node.inputs.get(i as usize))
+            .map(|i| i.digest.clone());
+        if !chain.insert(digest) {
+            break;
+        }
+    }
+    chain
 }
 
 /// Images made so far, one per distinct [`ImageOptions`].
@@ -781,6 +884,56 @@ fn export_tar(store: &Store, result: &Ref, dest: Option<&Dest>, epoch: Option<i6
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    struct FakeResolver;
+
+    impl strata_frontend::convert::ImageResolver for FakeResolver {
+        fn resolve(
+            &self,
+            reference: &str,
+            _platform: &strata_dag::Platform,
+        ) -> Result<strata_frontend::convert::ResolvedImage, String> {
+            Ok(strata_frontend::convert::ResolvedImage {
+                pinned: format!(
+                    "{reference}@{}",
+                    strata_dag::Digest::of(reference.as_bytes())
+                ),
+                config: ImageConfig::default(),
+            })
+        }
+    }
+
+    #[test]
+    fn only_the_final_stages_steps_have_layers_made_early() {
+        let text = "FROM img AS builder\nRUN make\nCOPY src /src\n\
+                    FROM img\nRUN setup\nCOPY --from=builder /src /app\nENV A=1\n";
+        let opts = strata_frontend::convert::ConvertOptions {
+            dockerfile_name: "Dockerfile".into(),
+            ..Default::default()
+        };
+        let def = strata_frontend::convert::convert(text, &opts, &FakeResolver)
+            .unwrap()
+            .definition;
+        let chain = final_chain(&def);
+        let described = |d: &strata_dag::Digest| {
+            def.metadata
+                .get(d)
+                .map(|m| m.description.clone())
+                .unwrap_or_default()
+        };
+        let mut names: Vec<String> = chain.iter().map(described).collect();
+        names.sort();
+        assert_eq!(names.len(), 3, "{names:?}");
+        assert!(names.iter().any(|n| n.contains("RUN setup")), "{names:?}");
+        assert!(
+            names.iter().any(|n| n.contains("COPY --from=builder")),
+            "{names:?}"
+        );
+        assert!(names.iter().any(|n| n.contains("FROM img")), "{names:?}");
+        assert!(!names
+            .iter()
+            .any(|n| n.contains("make") || n.contains("COPY src")));
+    }
 
     #[test]
     fn buildx_attributes_parse() {
