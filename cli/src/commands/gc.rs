@@ -725,13 +725,29 @@ pub fn human_size(bytes: u64) -> String {
 }
 
 fn human_age(millis: u64) -> String {
-    let secs = now_millis().saturating_sub(millis) / 1000;
+    format!(
+        "{} ago",
+        human_duration(now_millis().saturating_sub(millis) / 1000)
+    )
+}
+
+/// Docker's `units.HumanDuration`, the words of every CREATED and LAST USED column.
+pub fn human_duration(secs: u64) -> String {
+    let minutes = secs / 60;
+    // Hours round to the nearest, as Docker's do.
+    let hours = (secs + 1800) / 3600;
     match secs {
-        0 => "Less than a second ago".into(),
-        1..=59 => format!("{secs} seconds ago"),
-        60..=3599 => format!("{} minutes ago", secs / 60),
-        3600..=86399 => format!("{} hours ago", secs / 3600),
-        _ => format!("{} days ago", secs / 86400),
+        0 => "Less than a second".into(),
+        1 => "1 second".into(),
+        2..=59 => format!("{secs} seconds"),
+        _ if minutes == 1 => "About a minute".into(),
+        _ if minutes < 60 => format!("{minutes} minutes"),
+        _ if hours == 1 => "About an hour".into(),
+        _ if hours < 48 => format!("{hours} hours"),
+        _ if hours < 24 * 7 * 2 => format!("{} days", hours / 24),
+        _ if hours < 24 * 30 * 2 => format!("{} weeks", hours / 24 / 7),
+        _ if hours < 24 * 365 * 2 => format!("{} months", hours / 24 / 30),
+        _ => format!("{} years", secs / 3600 / 24 / 365),
     }
 }
 
@@ -808,6 +824,30 @@ pub fn parse_duration(s: &str) -> Result<Duration> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn durations_read_as_dockers() {
+        let cases = [
+            (0, "Less than a second"),
+            (1, "1 second"),
+            (59, "59 seconds"),
+            (60, "About a minute"),
+            (119, "About a minute"),
+            (120, "2 minutes"),
+            (3599, "59 minutes"),
+            (3600, "About an hour"),
+            (5399, "About an hour"),
+            (5400, "2 hours"),
+            (47 * 3600, "47 hours"),
+            (48 * 3600, "2 days"),
+            (14 * 86400, "2 weeks"),
+            (60 * 86400, "2 months"),
+            (2 * 365 * 86400, "2 years"),
+        ];
+        for (secs, words) in cases {
+            assert_eq!(human_duration(secs), words, "{secs} s");
+        }
+    }
 
     #[test]
     fn sizes_parse_like_docker() {

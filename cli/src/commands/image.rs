@@ -53,15 +53,7 @@ fn human_age(created: Option<&str>) -> String {
         return "N/A".into();
     };
     let secs = (chrono::Utc::now().timestamp() - t.timestamp()).max(0);
-    match secs {
-        0..=59 => "Less than a minute ago".into(),
-        60..=3599 => format!("{} minutes ago", secs / 60),
-        3600..=86399 => format!("{} hours ago", secs / 3600),
-        86400..=1_209_599 => format!("{} days ago", secs / 86400),
-        1_209_600..=5_183_999 => format!("{} weeks ago", secs / 604_800),
-        5_184_000..=63_071_999 => format!("{} months ago", secs / 2_592_000),
-        _ => format!("{} years ago", secs / 31_536_000),
-    }
+    format!("{} ago", super::gc::human_duration(secs.unsigned_abs()))
 }
 
 /// Docker's truncation: 45 characters, the last one an ellipsis.

@@ -5,17 +5,12 @@ use std::io::Read;
 use anyhow::{anyhow, bail, Result};
 use strata_exporter::ImageStore;
 
-use super::gc::human_size;
+use super::gc::{human_duration, human_size};
 use crate::args::Cli;
 
 fn human_age(created: i64) -> String {
     let secs = (chrono::Utc::now().timestamp() - created).max(0);
-    match secs {
-        0..=59 => "Less than a minute ago".into(),
-        60..=3599 => format!("{} minutes ago", secs / 60),
-        3600..=86399 => format!("{} hours ago", secs / 3600),
-        _ => format!("{} days ago", secs / 86400),
-    }
+    format!("{} ago", human_duration(secs.unsigned_abs()))
 }
 
 pub fn list(cli: &Cli) -> Result<i32> {
