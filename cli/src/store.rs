@@ -22,7 +22,8 @@ use strata_solver::{CacheKey, Ref};
 const LEFTOVER_AGE: Duration = Duration::from_secs(3600);
 
 /// An open store. Layout: `content/` (OCI blobs), `snapshots/` (overlay snapshotter),
-/// `cache-v1.redb` (cache records), `usage-v1.json` (when each record was last used),
+/// `usage-v1.json` (when each cache record was last used; the records themselves are a
+/// table of the snapshotter's metadata database),
 /// `images/` (local image store), `statcache-v1`, `cache-mounts/` (RUN cache mounts),
 /// `locks/` (per cache key), `mounts/<pid>/` (this process's temporary mount points),
 /// `store.lock` (shared by every command, exclusive for `prune`).
@@ -60,12 +61,17 @@ impl Store {
         clean_stale_mounts(&mounts_root);
         let mounts_dir = mounts_root.join(std::process::id().to_string());
         std::fs::create_dir_all(&mounts_dir)?;
-        let snapshotter =
-            OverlaySnapshotter::open(&root.join("snapshots")).context("open snapshotter")?;
+        let snapshotter = Arc::new(
+            OverlaySnapshotter::open(&root.join("snapshots")).context("open snapshotter")?,
+        );
         let content = ContentStore::open(&root.join("content")).context("open content store")?;
-        let cache = DbCache::open(&root.join("cache-v1.redb"))
-            .map_err(anyhow::Error::msg)
-            .context("open cache")?;
+        let cache = DbCache::in_snapshotter(snapshotter.clone(), root.join("locks"));
+        // The cache had a database of its own before it moved into the snapshotter's; its
+        // records are not looked up there any more (the first build after the move makes
+        // them again, and prune reaps the results they named).
+        for old in ["cache-v1.redb", "cache-v1.lock", "cache-v1.lock.want"] {
+            let _ = std::fs::remove_file(root.join(old));
+        }
         // With the store to ourselves every leftover is one; otherwise only old ones are.
         let min_age = if exclusive {
             Duration::ZERO
@@ -75,7 +81,7 @@ impl Store {
         clean_crash_leftovers(snapshotter.root(), content.root(), min_age);
         Ok(Store {
             root: root.to_path_buf(),
-            snapshotter: Arc::new(snapshotter),
+            snapshotter,
             content: Arc::new(content),
             cache: TrackedCache {
                 db: cache,

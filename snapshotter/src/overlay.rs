@@ -242,6 +242,18 @@ impl OverlaySnapshotter {
             .map_err(|e| Error::Metadata(format!("metadata database: {e}")))?
     }
 
+    /// Runs `f` on the metadata database, held by this process, for the tables of other
+    /// components (the build cache keeps its records here, so a build opens one database,
+    /// not two). `f` must not touch this snapshotter's own tables.
+    pub fn with_shared_db<T>(
+        &self,
+        f: impl FnOnce(&Database) -> std::result::Result<T, String>,
+    ) -> std::result::Result<T, String> {
+        self.db
+            .with(|db, _| f(db))
+            .map_err(|e| format!("metadata database: {e}"))?
+    }
+
     /// Closes the metadata database now if this process holds it, so other processes on
     /// the store need not wait for it to idle out (see [`SharedDb`]).
     pub fn release(&self) {
