@@ -150,6 +150,12 @@ pub fn kill_running_steps() {
     }
 }
 
+/// Whether RUN steps can run in cgroups of their own here (a writable cgroup2 hierarchy):
+/// without it, steps are not metered and the default parallelism is a plain bound.
+pub fn cpu_metering_available() -> bool {
+    StepCgroup::create().is_some()
+}
+
 /// The cgroup of one running step; dropping it kills what is left inside and removes it.
 pub(crate) struct StepCgroup {
     path: PathBuf,

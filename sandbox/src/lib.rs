@@ -38,7 +38,7 @@ use std::sync::mpsc;
 use serde::{Deserialize, Serialize};
 use strata_snapshotter::Mount;
 
-pub use cgroup::{kill_running_steps, CpuMeter};
+pub use cgroup::{cpu_metering_available, kill_running_steps, CpuMeter};
 pub use process::DEFAULT_PATH;
 
 /// `argv[1]` that makes `strata` act as the sandbox init ([`init_main`]).
