@@ -26,8 +26,14 @@ pub struct Writer {
     /// `None` for [`ContentStore::writer_for_known_digest`].
     hasher: Option<Sha256>,
     size: u64,
+    /// Bytes already handed to writeback (see [`WRITEBACK_EVERY`]).
+    flushed: u64,
     blobs: PathBuf,
 }
+
+/// A big blob's pages are handed to writeback every this many bytes while it is written,
+/// so the fsync of `commit` waits for the last stretch only, not for the whole blob.
+const WRITEBACK_EVERY: u64 = 8 << 20;
 
 impl std::io::Write for Writer {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
@@ -36,6 +42,22 @@ impl std::io::Write for Writer {
             h.update(&buf[..n]);
         }
         self.size += n as u64;
+        if self.size - self.flushed >= WRITEBACK_EVERY {
+            use std::os::fd::AsRawFd;
+            let (from, len) = (self.flushed, self.size - self.flushed);
+            // SAFETY: sync_file_range on the descriptor this writer owns; it only starts
+            // writeback of a range (no memory is passed). A failure is harmless: the fsync
+            // of `commit` writes whatever is left.
+            unsafe {
+                libc::sync_file_range(
+                    self.file.as_file().as_raw_fd(),
+                    from as libc::off64_t,
+                    len as libc::off64_t,
+                    libc::SYNC_FILE_RANGE_WRITE,
+                );
+            }
+            self.flushed = self.size;
+        }
         Ok(n)
     }
     fn flush(&mut self) -> std::io::Result<()> {
@@ -124,6 +146,7 @@ impl ContentStore {
             file,
             hasher,
             size: 0,
+            flushed: 0,
             blobs: self.root.join("blobs/sha256"),
         })
     }

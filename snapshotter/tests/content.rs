@@ -133,3 +133,18 @@ fn putting_a_stored_blob_again_writes_nothing() {
     assert_eq!(s.put(b"config", None).unwrap(), (d, 6));
     assert!(s.put(b"other", None).is_err());
 }
+
+#[test]
+fn a_blob_bigger_than_the_writeback_stride_is_stored_whole() {
+    let (dir, s) = store();
+    // 20 MiB in odd-sized writes: writeback is started twice while writing.
+    let data: Vec<u8> = (0..20u32 << 20).map(|i| (i * 7 % 251) as u8).collect();
+    let mut w = s.writer().unwrap();
+    for part in data.chunks(1_000_003) {
+        w.write_all(part).unwrap();
+    }
+    let (d, n) = w.commit(None).unwrap();
+    assert_eq!((d.clone(), n), (Digest::of(&data), data.len() as u64));
+    assert_eq!(s.read(&d).unwrap(), data);
+    assert!(ingest_is_empty(&dir));
+}
