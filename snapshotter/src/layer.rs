@@ -95,33 +95,12 @@ fn cstr(b: &[u8]) -> io::Result<CString> {
 
 /// openat2(dirfd, path, O_PATH|O_DIRECTORY) with `dirfd` acting as the root.
 fn open_in_root(root: &OwnedFd, path: &[u8]) -> io::Result<OwnedFd> {
-    let p = cstr(if path.is_empty() { b"." } else { path })?;
-    // SAFETY: open_how is plain data; zero is a valid initial value.
-    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
-    how.flags = (libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC) as u64;
-    how.resolve = libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS;
-    loop {
-        // SAFETY: valid fd, NUL-terminated path and a correctly sized open_how.
-        let fd = unsafe {
-            libc::syscall(
-                libc::SYS_openat2,
-                root.as_raw_fd(),
-                p.as_ptr(),
-                &how as *const libc::open_how,
-                std::mem::size_of::<libc::open_how>(),
-            )
-        };
-        if fd >= 0 {
-            let fd = i32::try_from(fd).map_err(|_| io::Error::other("fd out of range"))?;
-            // SAFETY: the kernel just returned this fd to us.
-            return Ok(unsafe { OwnedFd::from_raw_fd(fd) });
-        }
-        let err = last_err();
-        // EAGAIN: a concurrent rename raced the resolution; the kernel asks us to retry.
-        if err.raw_os_error() != Some(libc::EAGAIN) && err.kind() != io::ErrorKind::Interrupted {
-            return Err(err);
-        }
-    }
+    crate::openat2::openat2(
+        root,
+        path,
+        libc::O_PATH | libc::O_DIRECTORY,
+        libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS,
+    )
 }
 
 fn join(comps: &[&[u8]]) -> Vec<u8> {

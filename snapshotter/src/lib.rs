@@ -12,6 +12,7 @@
 pub mod content;
 pub mod layer;
 pub mod mount;
+pub mod openat2;
 pub mod overlay;
 pub mod shared_db;
 

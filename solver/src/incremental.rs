@@ -501,37 +501,12 @@ fn cstr(b: &OsStr) -> io::Result<CString> {
 /// component may be a symlink or climb out, so a path of one snapshot never leads into
 /// another or onto the host.
 fn open_beneath(root: &OwnedFd, rel: &Path, flags: libc::c_int) -> io::Result<OwnedFd> {
-    let bytes = rel.as_os_str().as_bytes();
-    let p = cstr(OsStr::from_bytes(if bytes.is_empty() {
-        b"."
-    } else {
-        bytes
-    }))?;
-    // SAFETY: open_how is plain data; zero is a valid initial value.
-    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
-    how.flags = (flags | libc::O_CLOEXEC) as u64;
-    how.resolve = libc::RESOLVE_BENEATH | libc::RESOLVE_NO_SYMLINKS;
-    loop {
-        // SAFETY: valid fd, NUL-terminated path and a correctly sized open_how.
-        let fd = unsafe {
-            libc::syscall(
-                libc::SYS_openat2,
-                root.as_raw_fd(),
-                p.as_ptr(),
-                &how as *const libc::open_how,
-                std::mem::size_of::<libc::open_how>(),
-            )
-        };
-        if fd >= 0 {
-            let fd = i32::try_from(fd).map_err(|_| io::Error::other("fd out of range"))?;
-            // SAFETY: the kernel just returned this fd to us.
-            return Ok(unsafe { OwnedFd::from_raw_fd(fd) });
-        }
-        let err = io::Error::last_os_error();
-        if err.raw_os_error() != Some(libc::EAGAIN) && err.kind() != io::ErrorKind::Interrupted {
-            return Err(err);
-        }
-    }
+    strata_snapshotter::openat2::openat2(
+        root,
+        rel.as_os_str().as_bytes(),
+        flags,
+        libc::RESOLVE_BENEATH | libc::RESOLVE_NO_SYMLINKS,
+    )
 }
 
 /// lstat of `name` in `dir`; `None` when it does not exist.

@@ -1,0 +1,44 @@
+//! openat2(2), shared by layer apply (paths resolved inside the layer's root) and the
+//! incremental COPY (paths resolved beneath a previous snapshot).
+
+use std::ffi::CString;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+/// `openat2(dir, path, flags | O_CLOEXEC, resolve)`, retried on EINTR and on the EAGAIN
+/// the kernel returns when a concurrent rename raced the resolution. An empty `path` is
+/// `dir` itself (".").
+pub fn openat2(
+    dir: &OwnedFd,
+    path: &[u8],
+    flags: libc::c_int,
+    resolve: u64,
+) -> io::Result<OwnedFd> {
+    let p = CString::new(if path.is_empty() { b"." } else { path })
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "nul byte in path"))?;
+    // SAFETY: open_how is plain data; zero is a valid initial value.
+    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
+    how.flags = (flags | libc::O_CLOEXEC) as u64;
+    how.resolve = resolve;
+    loop {
+        // SAFETY: valid fd, NUL-terminated path and a correctly sized open_how.
+        let fd = unsafe {
+            libc::syscall(
+                libc::SYS_openat2,
+                dir.as_raw_fd(),
+                p.as_ptr(),
+                &how as *const libc::open_how,
+                std::mem::size_of::<libc::open_how>(),
+            )
+        };
+        if fd >= 0 {
+            let fd = i32::try_from(fd).map_err(|_| io::Error::other("fd out of range"))?;
+            // SAFETY: the kernel just returned this fd to us.
+            return Ok(unsafe { OwnedFd::from_raw_fd(fd) });
+        }
+        let err = io::Error::last_os_error();
+        if err.raw_os_error() != Some(libc::EAGAIN) && err.kind() != io::ErrorKind::Interrupted {
+            return Err(err);
+        }
+    }
+}
