@@ -4,7 +4,6 @@
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -12,6 +11,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
 use strata_snapshotter::content::ContentStore;
+use strata_snapshotter::sys::flock;
 use strata_snapshotter::OverlaySnapshotter;
 use strata_solver::cache::{CacheStore, DbCache, KeyLock};
 use strata_solver::{CacheKey, Ref};
@@ -131,8 +131,7 @@ fn lock_store(root: &Path, exclusive: bool) -> Result<File> {
     } else {
         libc::LOCK_SH
     };
-    // SAFETY: flock on a descriptor this function owns; no memory is involved.
-    if unsafe { libc::flock(file.as_raw_fd(), mode | libc::LOCK_NB) } == 0 {
+    if flock(&file, mode | libc::LOCK_NB).is_ok() {
         return Ok(file);
     }
     if exclusive {
@@ -140,16 +139,8 @@ fn lock_store(root: &Path, exclusive: bool) -> Result<File> {
     } else {
         eprintln!("waiting for a prune of this store to finish");
     }
-    loop {
-        // SAFETY: as above.
-        if unsafe { libc::flock(file.as_raw_fd(), mode) } == 0 {
-            return Ok(file);
-        }
-        let err = std::io::Error::last_os_error();
-        if err.kind() != std::io::ErrorKind::Interrupted {
-            return Err(err).with_context(|| format!("lock {}", path.display()));
-        }
-    }
+    flock(&file, mode).with_context(|| format!("lock {}", path.display()))?;
+    Ok(file)
 }
 
 /// Milliseconds since the epoch.
@@ -256,16 +247,7 @@ impl UsageTable {
             .write(true)
             .open(&lock_path)
             .with_context(|| format!("open {}", lock_path.display()))?;
-        loop {
-            // SAFETY: flock on a descriptor this function owns.
-            if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } == 0 {
-                break;
-            }
-            let err = std::io::Error::last_os_error();
-            if err.kind() != std::io::ErrorKind::Interrupted {
-                return Err(err).with_context(|| format!("lock {}", lock_path.display()));
-            }
-        }
+        flock(&lock, libc::LOCK_EX).with_context(|| format!("lock {}", lock_path.display()))?;
         let mut times = self.read();
         f(&mut times);
         let bytes = serde_json::to_vec(&times).context("encode cache usage table")?;

@@ -95,7 +95,7 @@ fn cstr(b: &[u8]) -> io::Result<CString> {
 
 /// openat2(dirfd, path, O_PATH|O_DIRECTORY) with `dirfd` acting as the root.
 fn open_in_root(root: &OwnedFd, path: &[u8]) -> io::Result<OwnedFd> {
-    crate::openat2::openat2(
+    crate::sys::openat2(
         root,
         path,
         libc::O_PATH | libc::O_DIRECTORY,

@@ -12,9 +12,9 @@
 pub mod content;
 pub mod layer;
 pub mod mount;
-pub mod openat2;
 pub mod overlay;
 pub mod shared_db;
+pub mod sys;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;

@@ -22,12 +22,13 @@
 //! so the state stays true as long as the holder updates it with its own writes.
 
 use std::fs::{File, OpenOptions};
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
 use redb::Database;
+
+use crate::sys::flock;
 
 /// How often the holder looks for waiters.
 pub const PROBE: Duration = Duration::from_millis(5);
@@ -77,19 +78,6 @@ struct Held {
     db: Database,
     _lock: File,
     want: File,
-}
-
-fn flock(file: &File, op: libc::c_int) -> std::io::Result<()> {
-    loop {
-        // SAFETY: flock on a descriptor `file` owns for the duration of the call.
-        if unsafe { libc::flock(file.as_raw_fd(), op) } == 0 {
-            return Ok(());
-        }
-        let err = std::io::Error::last_os_error();
-        if err.kind() != std::io::ErrorKind::Interrupted {
-            return Err(err);
-        }
-    }
 }
 
 fn open_rw(path: &Path) -> Result<File, SharedDbError> {
@@ -155,9 +143,7 @@ impl<S> Inner<S> {
 
 /// Whether another process waits for the database (holds a shared lock on the want file).
 fn wanted(want: &File) -> bool {
-    // SAFETY: flock on a descriptor `want` owns.
-    let rc = unsafe { libc::flock(want.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-    if rc == 0 {
+    if flock(want, libc::LOCK_EX | libc::LOCK_NB).is_ok() {
         let _ = flock(want, libc::LOCK_UN);
         return false;
     }

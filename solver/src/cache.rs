@@ -11,12 +11,12 @@
 
 use std::fs::File;
 use std::os::unix::fs::MetadataExt;
-use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use redb::{Database, ReadableTable, TableDefinition};
 use strata_snapshotter::shared_db::SharedDb;
+use strata_snapshotter::sys::flock;
 use strata_snapshotter::OverlaySnapshotter;
 
 use crate::{CacheKey, Ref};
@@ -56,17 +56,7 @@ impl KeyLock {
                 .write(true)
                 .open(&path)
                 .map_err(|e| format!("open {}: {e}", path.display()))?;
-            loop {
-                // SAFETY: flock on a descriptor this function owns; no memory is involved.
-                let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
-                if rc == 0 {
-                    break;
-                }
-                let err = std::io::Error::last_os_error();
-                if err.kind() != std::io::ErrorKind::Interrupted {
-                    return Err(format!("lock {}: {err}", path.display()));
-                }
-            }
+            flock(&file, libc::LOCK_EX).map_err(|e| format!("lock {}: {e}", path.display()))?;
             // The previous holder removes the file when it is done. If it did so between
             // our open and our flock, we locked an orphan while a newcomer may lock a new
             // file at the path: only a lock on the file the path names now counts.

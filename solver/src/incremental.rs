@@ -501,7 +501,7 @@ fn cstr(b: &OsStr) -> io::Result<CString> {
 /// component may be a symlink or climb out, so a path of one snapshot never leads into
 /// another or onto the host.
 fn open_beneath(root: &OwnedFd, rel: &Path, flags: libc::c_int) -> io::Result<OwnedFd> {
-    strata_snapshotter::openat2::openat2(
+    strata_snapshotter::sys::openat2(
         root,
         rel.as_os_str().as_bytes(),
         flags,

@@ -1,7 +1,9 @@
-//! openat2(2), shared by layer apply (paths resolved inside the layer's root) and the
-//! incremental COPY (paths resolved beneath a previous snapshot).
+//! Syscall wrappers the store's crates share: openat2(2) (layer apply resolves paths
+//! inside the layer's root, the incremental COPY beneath a previous snapshot) and flock(2)
+//! (the store, its databases, cache keys and the usage table).
 
 use std::ffi::CString;
+use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
@@ -38,6 +40,20 @@ pub fn openat2(
         }
         let err = io::Error::last_os_error();
         if err.raw_os_error() != Some(libc::EAGAIN) && err.kind() != io::ErrorKind::Interrupted {
+            return Err(err);
+        }
+    }
+}
+
+/// `flock(file, op)`, retried when a signal interrupts the wait.
+pub fn flock(file: &File, op: libc::c_int) -> io::Result<()> {
+    loop {
+        // SAFETY: flock on a descriptor `file` owns for the duration of the call.
+        if unsafe { libc::flock(file.as_raw_fd(), op) } == 0 {
+            return Ok(());
+        }
+        let err = io::Error::last_os_error();
+        if err.kind() != io::ErrorKind::Interrupted {
             return Err(err);
         }
     }
