@@ -14,26 +14,11 @@ use strata_solver::contenthash::{checksum, empty_checksum, StatCache};
 use strata_solver::fileop::{apply_file_op, FileOpError, SourceRoot};
 use tempfile::TempDir;
 
+mod common;
+use common::cp;
+
 // ---------------------------------------------------------------------------------------
 // helpers
-
-/// A COPY action as the Dockerfile frontend emits it.
-fn cp(src: &str, dest: &str) -> CopyAction {
-    CopyAction {
-        src_input: 0,
-        src: src.into(),
-        dest: dest.into(),
-        owner: None,
-        mode: None,
-        follow_symlinks: true,
-        dir_contents_only: true,
-        allow_wildcard: true,
-        allow_empty_wildcard: true,
-        create_dest_path: true,
-        attempt_unpack: false,
-        exclude: vec![],
-    }
-}
 
 fn write(root: &Path, rel: &str, data: &str) {
     let p = root.join(rel);

@@ -14,22 +14,8 @@ use strata_solver::fileop::{apply_file_op_with, FileOpOptions, FileOpOutcome, So
 use strata_solver::incremental::{CopyManifest, PreviousCopy};
 use tempfile::TempDir;
 
-fn cp(src: &str, dest: &str) -> CopyAction {
-    CopyAction {
-        src_input: 0,
-        src: src.into(),
-        dest: dest.into(),
-        owner: None,
-        mode: None,
-        follow_symlinks: true,
-        dir_contents_only: true,
-        allow_wildcard: true,
-        allow_empty_wildcard: true,
-        create_dest_path: true,
-        attempt_unpack: false,
-        exclude: vec![],
-    }
-}
+mod common;
+use common::cp;
 
 fn set_time(p: &Path, secs: u64) {
     let f = fs::File::options()
