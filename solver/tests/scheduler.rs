@@ -153,6 +153,18 @@ fn run(b: &mut DefinitionBuilder, base: &Input, cmd: &str, m: NodeMeta) -> Input
     )
 }
 
+/// A node reading every input, standing for a final stage that copies from each.
+fn merge(b: &mut DefinitionBuilder, inputs: Vec<Input>, m: NodeMeta) -> Input {
+    b.add(
+        Node {
+            inputs,
+            op: Op::Merge,
+            platform: Platform::default(),
+        },
+        m,
+    )
+}
+
 fn context(b: &mut DefinitionBuilder) -> Input {
     b.add(
         Node {
@@ -260,14 +272,7 @@ fn a_shared_input_runs_once() {
     let right = run(&mut b, &shared, "right", meta("[r 2/2] RUN right"));
     let ctx = context(&mut b);
     let _ = ctx;
-    let join = b.add(
-        Node {
-            inputs: vec![left, right],
-            op: Op::Merge,
-            platform: Platform::default(),
-        },
-        meta("merge"),
-    );
+    let join = merge(&mut b, vec![left, right], meta("merge"));
     let def = b.finish(Some(join));
     solve(&worker, &cache, &def, 4).unwrap();
     let runs = worker.runs();
@@ -293,14 +298,7 @@ fn fan_out(n: usize) -> Definition {
             )
         })
         .collect();
-    let join = b.add(
-        Node {
-            inputs: branches,
-            op: Op::Merge,
-            platform: Platform::default(),
-        },
-        meta("merge"),
-    );
+    let join = merge(&mut b, branches, meta("merge"));
     b.finish(Some(join))
 }
 
@@ -511,12 +509,9 @@ fn a_re_made_step_re_makes_its_dependents_but_a_re_pulled_image_does_not() {
         a_meta.ignore_cache = filter_a;
         let a = run(&mut b, &base, "a", a_meta);
         let stage_b = run(&mut b, &base, "b", meta("[b 2/2] RUN b"));
-        let join = b.add(
-            Node {
-                inputs: vec![a, stage_b],
-                op: Op::Merge,
-                platform: Platform::default(),
-            },
+        let join = merge(
+            &mut b,
+            vec![a, stage_b],
             meta("[final 2/2] COPY --from=a --from=b"),
         );
         b.finish(Some(join))
