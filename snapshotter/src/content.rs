@@ -159,12 +159,19 @@ impl ContentStore {
             use sha2::Digest as _;
             crate::sha256_digest(sha2::Sha256::new_with_prefix(bytes))
         };
-        if expected.is_none_or(|e| e == &digest) && self.exists(&digest) {
+        if let Some(exp) = expected.filter(|e| *e != &digest) {
+            return Err(Error::DigestMismatch {
+                expected: exp.to_string(),
+                actual: digest.to_string(),
+            });
+        }
+        if self.exists(&digest) {
             return Ok((digest, bytes.len() as u64));
         }
-        let mut w = self.writer()?;
+        // Hashed above already.
+        let mut w = self.writer_for_known_digest()?;
         w.write_all(bytes).map_err(|e| Error::io("write blob", e))?;
-        w.commit(expected)
+        w.commit(Some(&digest))
     }
 
     pub fn exists(&self, digest: &Digest) -> bool {
