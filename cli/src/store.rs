@@ -108,9 +108,9 @@ impl Drop for Store {
         // Last-use times are an ordering hint for `prune --keep-storage`; losing them
         // (a failed write, a killed build) only makes the records look older.
         let _ = self.cache.flush();
-        // Closed now rather than by a watcher thread that process exit would cut short
-        // (redb then has to repair the file on its next open).
-        self.cache.db.release();
+        // The metadata database (the build cache is one of its tables) is closed now
+        // rather than by a watcher thread that process exit would cut short (redb then
+        // has to repair the file on its next open).
         self.snapshotter.release();
         let _ = strata_snapshotter::mount::unmount_all_under(&self.mounts_dir);
         remove_empty_dirs(&self.mounts_dir);
