@@ -693,7 +693,7 @@ impl<W: Write> TarOut<W> {
         mode: u32,
         link: Option<&[u8]>,
         xattrs: &[(String, Vec<u8>)],
-        data: Option<(&Path, u64)>,
+        data: Option<(fs::File, &Path, u64)>,
     ) -> Result<()> {
         let mut h = tar::Header::new_ustar();
         h.set_entry_type(kind);
@@ -701,7 +701,7 @@ impl<W: Write> TarOut<W> {
         h.set_uid(u64::from(meta.uid()));
         h.set_gid(u64::from(meta.gid()));
         h.set_mtime(self.clamp(meta.mtime()));
-        h.set_size(data.map_or(0, |(_, n)| n));
+        h.set_size(data.as_ref().map_or(0, |(_, _, n)| *n));
         if matches!(kind, tar::EntryType::Char | tar::EntryType::Block) {
             let rdev = meta.rdev();
             h.set_device_major(libc::major(rdev))
@@ -740,9 +740,7 @@ impl<W: Write> TarOut<W> {
         }
         h.set_cksum();
         self.raw(h.as_bytes())?;
-        if let Some((src, size)) = data {
-            let f =
-                fs::File::open(src).map_err(|e| Error::io(format!("open {}", src.display()), e))?;
+        if let Some((f, src, size)) = data {
             let copied = io::copy(&mut f.take(size), &mut self.out)
                 .map_err(|e| Error::io(format!("copy {}", src.display()), e))?;
             if copied != size {
@@ -759,8 +757,22 @@ impl<W: Write> TarOut<W> {
 
 /// The xattrs worth carrying in a layer, sorted; overlayfs' private ones stay behind.
 fn layer_xattrs(path: &Path) -> Result<Vec<(String, Vec<u8>)>> {
+    layer_xattrs_with(path, xattr::list(path), |name| xattr::get(path, name))
+}
+
+/// [`layer_xattrs`] of an open file (no path lookups).
+fn layer_xattrs_of(file: &fs::File, path: &Path) -> Result<Vec<(String, Vec<u8>)>> {
+    use xattr::FileExt;
+    layer_xattrs_with(path, file.list_xattr(), |name| file.get_xattr(name))
+}
+
+fn layer_xattrs_with<I: Iterator<Item = std::ffi::OsString>>(
+    path: &Path,
+    names: io::Result<I>,
+    get: impl Fn(&OsStr) -> io::Result<Option<Vec<u8>>>,
+) -> Result<Vec<(String, Vec<u8>)>> {
     let mut out = Vec::new();
-    let names = match xattr::list(path) {
+    let names = match names {
         Ok(n) => n,
         Err(e) if e.raw_os_error() == Some(libc::ENOTSUP) => return Ok(out),
         Err(e) => return Err(Error::io(format!("list xattrs of {}", path.display()), e)),
@@ -778,14 +790,36 @@ fn layer_xattrs(path: &Path) -> Result<Vec<(String, Vec<u8>)>> {
         if n.starts_with("trusted.overlay.") {
             continue;
         }
-        if let Some(v) = xattr::get(path, &name)
-            .map_err(|e| Error::io(format!("read xattr of {}", path.display()), e))?
+        if let Some(v) =
+            get(&name).map_err(|e| Error::io(format!("read xattr of {}", path.display()), e))?
         {
             out.push((n.to_string(), v));
         }
     }
     out.sort();
     Ok(out)
+}
+
+/// Opens the regular file `name` of `dir` for reading without following a symlink,
+/// blocking on a FIFO or touching its access time (a layer export reads every file of
+/// the snapshot: on relatime mounts an atime update is a journal write per file). `None`
+/// when it is no longer a regular file there.
+fn open_regular(dir: &fs::File, name: &OsStr) -> Option<fs::File> {
+    let c = CString::new(name.as_bytes()).ok()?;
+    let base = libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC;
+    for flags in [base | libc::O_NOATIME, base] {
+        // SAFETY: valid directory fd and NUL-terminated name.
+        let fd = unsafe { libc::openat(dir.as_raw_fd(), c.as_ptr(), flags) };
+        if fd >= 0 {
+            // SAFETY: the kernel just returned this fd to us.
+            return Some(fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) }));
+        }
+        // O_NOATIME needs ownership (or CAP_FOWNER); without it, open plainly.
+        if io::Error::last_os_error().raw_os_error() != Some(libc::EPERM) {
+            return None;
+        }
+    }
+    None
 }
 
 fn is_opaque(path: &Path) -> Result<bool> {
@@ -797,19 +831,34 @@ fn is_opaque(path: &Path) -> Result<bool> {
 }
 
 fn write_dir<W: Write>(out: &mut TarOut<W>, dir: &Path, rel: &[u8]) -> Result<()> {
-    let mut children: Vec<_> = fs::read_dir(dir)
+    // Files are opened relative to the directory: one name to resolve instead of the whole
+    // path, and the open file answers the stat and the xattr listing.
+    let dir_file =
+        fs::File::open(dir).map_err(|e| Error::io(format!("open {}", dir.display()), e))?;
+    let mut children: Vec<(std::ffi::OsString, bool)> = fs::read_dir(dir)
         .map_err(|e| Error::io(format!("list {}", dir.display()), e))?
-        .map(|e| e.map(|e| e.file_name()))
+        .map(|e| e.map(|e| (e.file_name(), e.file_type().is_ok_and(|t| t.is_file()))))
         .collect::<io::Result<_>>()
         .map_err(|e| Error::io(format!("list {}", dir.display()), e))?;
-    children.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
-    for name in children {
+    children.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+    for (name, listed_as_file) in children {
         let full = dir.join(&name);
         let mut path = rel.to_vec();
         if !path.is_empty() {
             path.push(b'/');
         }
         path.extend_from_slice(name.as_bytes());
+        if listed_as_file {
+            if let Some(file) = open_regular(&dir_file, &name) {
+                let meta = file
+                    .metadata()
+                    .map_err(|e| Error::io(format!("stat {}", full.display()), e))?;
+                if meta.is_file() {
+                    write_regular(out, &path, &full, file, &meta)?;
+                    continue;
+                }
+            }
+        }
         let meta = fs::symlink_metadata(&full)
             .map_err(|e| Error::io(format!("stat {}", full.display()), e))?;
         let ft = meta.file_type();
@@ -857,42 +906,13 @@ fn write_dir<W: Write>(out: &mut TarOut<W>, dir: &Path, rel: &[u8]) -> Result<()
                 None,
             )?;
         } else if ft.is_file() {
-            // Only paths inside this tree become hardlink entries, to the first of them
-            // written: an inode whose other links are outside it (an incremental COPY
-            // shares inodes with the previous snapshot) is a regular file here.
-            if meta.nlink() > 1 {
-                let key = (meta.dev(), meta.ino());
-                if let Some(first) = out
-                    .links
-                    .get(&key)
-                    .and_then(|&(start, end)| out.link_paths.get(start..end))
-                    .map(<[u8]>::to_vec)
-                {
-                    out.entry(
-                        &path,
-                        tar::EntryType::Link,
-                        &meta,
-                        mode,
-                        Some(&first),
-                        &[],
-                        None,
-                    )?;
-                    continue;
-                }
-                let start = out.link_paths.len();
-                out.link_paths.extend_from_slice(&path);
-                out.links.insert(key, (start, out.link_paths.len()));
-            }
-            let xattrs = layer_xattrs(&full)?;
-            out.entry(
-                &path,
-                tar::EntryType::Regular,
-                &meta,
-                mode,
-                None,
-                &xattrs,
-                Some((&full, meta.len())),
-            )?;
+            let file = open_regular(&dir_file, &name).ok_or_else(|| {
+                Error::io(
+                    format!("open {}", full.display()),
+                    io::Error::last_os_error(),
+                )
+            })?;
+            write_regular(out, &path, &full, file, &meta)?;
         } else if ft.is_char_device() || ft.is_block_device() || ft.is_fifo() {
             let kind = if ft.is_char_device() {
                 tar::EntryType::Char
@@ -907,6 +927,54 @@ fn write_dir<W: Write>(out: &mut TarOut<W>, dir: &Path, rel: &[u8]) -> Result<()
         // Sockets cannot be carried in a tar and are skipped.
     }
     Ok(())
+}
+
+/// A regular file's entry; a hardlink entry when another path of this tree already wrote
+/// its inode.
+fn write_regular<W: Write>(
+    out: &mut TarOut<W>,
+    path: &[u8],
+    full: &Path,
+    file: fs::File,
+    meta: &fs::Metadata,
+) -> Result<()> {
+    let mode = meta.mode() & 0o7777;
+    // Only paths inside this tree become hardlink entries, to the first of them written:
+    // an inode whose other links are outside it (an incremental COPY shares inodes with
+    // the previous snapshot) is a regular file here.
+    if meta.nlink() > 1 {
+        let key = (meta.dev(), meta.ino());
+        if let Some(first) = out
+            .links
+            .get(&key)
+            .and_then(|&(start, end)| out.link_paths.get(start..end))
+            .map(<[u8]>::to_vec)
+        {
+            return out.entry(
+                path,
+                tar::EntryType::Link,
+                meta,
+                mode,
+                Some(&first),
+                &[],
+                None,
+            );
+        }
+        let start = out.link_paths.len();
+        out.link_paths.extend_from_slice(path);
+        out.links.insert(key, (start, out.link_paths.len()));
+    }
+    let xattrs = layer_xattrs_of(&file, full)?;
+    let size = meta.len();
+    out.entry(
+        path,
+        tar::EntryType::Regular,
+        meta,
+        mode,
+        None,
+        &xattrs,
+        Some((file, full, size)),
+    )
 }
 
 /// Writes the changes held in `upper` as an uncompressed, deterministic layer tar (entries

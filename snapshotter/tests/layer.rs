@@ -490,3 +490,39 @@ fn files_linked_from_outside_the_upper_are_regular_entries() {
     // Byte for byte the layer of the same files copied fresh.
     assert_eq!(tar, layer_of(fresh.path(), &DiffOptions::default()).0);
 }
+
+#[test]
+fn writing_a_layer_leaves_access_times_alone() {
+    use std::os::unix::fs::MetadataExt;
+    let upper = tempfile::tempdir().unwrap();
+    fs::create_dir(upper.path().join("d")).unwrap();
+    fs::write(upper.path().join("d/f"), b"content").unwrap();
+    // Atime and mtime a year back: on a relatime (or strictatime) mount any read updates it.
+    set_mtime(&upper.path().join("d/f"), 1_700_000_000);
+    let before = fs::symlink_metadata(upper.path().join("d/f")).unwrap();
+    assert_eq!(before.atime(), 1_700_000_000);
+
+    let (tar, _) = layer_of(upper.path(), &DiffOptions::default());
+    let mut ar = tar::Archive::new(tar.as_slice());
+    let file = ar
+        .entries()
+        .unwrap()
+        .map(|e| e.unwrap())
+        .find(|e| &*e.path_bytes() == b"d/f")
+        .map(|mut e| {
+            let mut s = String::new();
+            std::io::Read::read_to_string(&mut e, &mut s).unwrap();
+            s
+        });
+    assert_eq!(
+        file.as_deref(),
+        Some("content"),
+        "the file's data is in the layer"
+    );
+    let after = fs::symlink_metadata(upper.path().join("d/f")).unwrap();
+    assert_eq!(
+        (after.atime(), after.atime_nsec()),
+        (before.atime(), before.atime_nsec()),
+        "the export read the file without touching its access time"
+    );
+}
