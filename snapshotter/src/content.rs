@@ -26,7 +26,12 @@ pub struct Writer {
     /// `None` for [`ContentStore::writer_for_known_digest`].
     hasher: Option<Sha256>,
     size: u64,
-    /// Bytes already handed to writeback (see [`WRITEBACK_EVERY`]).
+    /// Bytes not yet written to the file, in a block-aligned window (see [`Staged`]).
+    staged: Staged,
+    /// Whether the file is open with O_DIRECT: `None` until the first full window.
+    direct: Option<bool>,
+    /// Bytes written to the file and already handed to writeback (buffered writes only).
+    written: u64,
     flushed: u64,
     blobs: PathBuf,
 }
@@ -35,16 +40,91 @@ pub struct Writer {
 /// so the fsync of `commit` waits for the last stretch only, not for the whole blob.
 const WRITEBACK_EVERY: u64 = 8 << 20;
 
-impl std::io::Write for Writer {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let n = self.file.write(buf)?;
-        if let Some(h) = self.hasher.as_mut() {
-            h.update(&buf[..n]);
+/// Blobs go to the file in windows of this many bytes. From the first full window on, the
+/// file is written with O_DIRECT: a 100 MB layer then costs no page-cache pages (filling
+/// fresh ones cost more than the write itself: 0.2 s per 100 MB on the VMs measured,
+/// against 0.05 s direct) and leaves no dirty pages for `commit`'s fsync to wait for.
+/// Blobs smaller than one window are written through the page cache as before.
+const WINDOW: usize = 4 << 20;
+/// O_DIRECT wants buffer address, length and file offset aligned to the logical block
+/// size; 4096 covers every device in practice.
+const ALIGN: usize = 4096;
+
+/// A block-aligned window inside an over-allocated buffer (safe code only).
+struct Staged {
+    buf: Vec<u8>,
+    start: usize,
+    len: usize,
+}
+
+impl Staged {
+    fn new() -> Self {
+        Staged {
+            buf: Vec::new(),
+            start: 0,
+            len: 0,
         }
-        self.size += n as u64;
-        if self.size - self.flushed >= WRITEBACK_EVERY {
+    }
+
+    fn window(&mut self) -> &mut [u8] {
+        if self.buf.is_empty() {
+            self.buf = vec![0u8; WINDOW + ALIGN];
+            self.start = self.buf.as_ptr().align_offset(ALIGN).min(ALIGN);
+        }
+        &mut self.buf[self.start..self.start + WINDOW]
+    }
+
+    fn filled(&self) -> &[u8] {
+        self.buf
+            .get(self.start..self.start + self.len)
+            .unwrap_or(&[])
+    }
+}
+
+impl Writer {
+    /// Writes the staged bytes: whole blocks directly when the file is in O_DIRECT mode
+    /// (the rest, only at the end, through the page cache).
+    fn write_staged(&mut self, last: bool) -> std::io::Result<()> {
+        let len = self.staged.len;
+        if len == 0 {
+            return Ok(());
+        }
+        if self.direct.is_none() && len == WINDOW {
+            self.direct = Some(crate::sys::set_direct(self.file.as_file(), true));
+        }
+        let mut done = 0;
+        if self.direct == Some(true) {
+            let aligned = len / ALIGN * ALIGN;
+            let res = {
+                let bytes = &self.staged.filled()[..aligned];
+                self.file.as_file().write_all(bytes)
+            };
+            match res {
+                Ok(()) => done = aligned,
+                // A filesystem that takes the flag but not the write: buffered from here.
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    crate::sys::set_direct(self.file.as_file(), false);
+                    self.direct = Some(false);
+                }
+                Err(e) => return Err(e),
+            }
+            if done < len {
+                if !last {
+                    return Err(std::io::Error::other("unaligned blob window"));
+                }
+                crate::sys::set_direct(self.file.as_file(), false);
+                self.direct = Some(false);
+            }
+        }
+        if done < len {
+            let rest = &self.staged.filled()[done..];
+            self.file.as_file().write_all(rest)?;
+        }
+        self.written += len as u64;
+        self.staged.len = 0;
+        if self.direct != Some(true) && self.written - self.flushed >= WRITEBACK_EVERY {
             use std::os::fd::AsRawFd;
-            let (from, len) = (self.flushed, self.size - self.flushed);
+            let (from, n) = (self.flushed, self.written - self.flushed);
             // SAFETY: sync_file_range on the descriptor this writer owns; it only starts
             // writeback of a range (no memory is passed). A failure is harmless: the fsync
             // of `commit` writes whatever is left.
@@ -52,16 +132,36 @@ impl std::io::Write for Writer {
                 libc::sync_file_range(
                     self.file.as_file().as_raw_fd(),
                     from as libc::off64_t,
-                    len as libc::off64_t,
+                    n as libc::off64_t,
                     libc::SYNC_FILE_RANGE_WRITE,
                 );
             }
-            self.flushed = self.size;
+            self.flushed = self.written;
+        }
+        Ok(())
+    }
+}
+
+impl std::io::Write for Writer {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let at = self.staged.len;
+        let window = self.staged.window();
+        let n = buf.len().min(window.len() - at);
+        window[at..at + n].copy_from_slice(&buf[..n]);
+        self.staged.len += n;
+        if let Some(h) = self.hasher.as_mut() {
+            h.update(&buf[..n]);
+        }
+        self.size += n as u64;
+        if self.staged.len == WINDOW {
+            self.write_staged(false)?;
         }
         Ok(n)
     }
     fn flush(&mut self) -> std::io::Result<()> {
-        self.file.flush()
+        // Staged bytes stay staged until a window fills or `commit`: writing them now
+        // would break the alignment O_DIRECT needs.
+        Ok(())
     }
 }
 
@@ -74,7 +174,8 @@ impl Writer {
     /// Fsyncs, checks `expected` (when given) against the running digest, and renames the
     /// blob into place. A blob already present is not an error: its digest is returned.
     pub fn commit(mut self, expected: Option<&Digest>) -> Result<(Digest, u64)> {
-        self.file.flush().map_err(|e| Error::io("flush blob", e))?;
+        self.write_staged(true)
+            .map_err(|e| Error::io("write blob", e))?;
         self.file
             .as_file()
             .sync_all()
@@ -146,6 +247,9 @@ impl ContentStore {
             file,
             hasher,
             size: 0,
+            staged: Staged::new(),
+            direct: None,
+            written: 0,
             flushed: 0,
             blobs: self.root.join("blobs/sha256"),
         })

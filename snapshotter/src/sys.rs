@@ -58,3 +58,20 @@ pub fn flock(file: &File, op: libc::c_int) -> io::Result<()> {
         }
     }
 }
+
+/// Turns O_DIRECT on or off for an open file; false when the filesystem refuses it.
+pub fn set_direct(file: &File, on: bool) -> bool {
+    // SAFETY: fcntl on a descriptor `file` owns; F_GETFL/F_SETFL pass no memory.
+    unsafe {
+        let flags = libc::fcntl(file.as_raw_fd(), libc::F_GETFL);
+        if flags < 0 {
+            return false;
+        }
+        let flags = if on {
+            flags | libc::O_DIRECT
+        } else {
+            flags & !libc::O_DIRECT
+        };
+        libc::fcntl(file.as_raw_fd(), libc::F_SETFL, flags) == 0
+    }
+}
