@@ -18,7 +18,7 @@ use strata_dag::{CopyAction, FileAction, FileOp, Owner, UserSpec};
 use strata_frontend::dockerignore::{PatternError, PatternMatcher};
 
 pub use crate::contenthash::{checksum, StatCache};
-use crate::incremental::{linkable, CopyManifest, DirCache, FileAttrs, PendingLinks, PreviousCopy};
+use crate::incremental::{linkable, Copied, CopyManifest, FileAttrs, PendingLinks, PreviousCopy};
 
 /// A root a COPY reads from: a mounted snapshot (another stage/image) or the local build context.
 #[derive(Clone, Copy, Debug)]
@@ -142,7 +142,6 @@ pub fn apply_file_op_with(
         Some(cache) if is_context_copy(op, context) => Some(Recorder {
             cache,
             previous: opts.previous,
-            prev_dirs: DirCache::default(),
             manifest: CopyManifest::default(),
             links: PendingLinks::default(),
         }),
@@ -1029,7 +1028,6 @@ struct CopyOpts {
 struct Recorder<'a> {
     cache: &'a StatCache,
     previous: Option<&'a PreviousCopy>,
-    prev_dirs: DirCache,
     manifest: CopyManifest,
     links: PendingLinks,
 }
@@ -1141,12 +1139,12 @@ impl CopyVisitor<'_, '_> {
         }
         if let (Some(rec), Some(rel), Some(d)) = (self.rec.as_deref_mut(), &rel, digest) {
             if let Some(prev) = rec.previous {
-                if let Some(id) = linkable(prev, &mut rec.prev_dirs, rel, &d, &attrs) {
+                if linkable(prev, rel, &d, &attrs) {
                     if !fresh_dir {
                         create_placeholder(dst)?;
                     }
-                    rec.links.add(rel, e.abs, attrs, id, !fresh_dir);
-                    rec.manifest.insert(rel, d);
+                    rec.links.add(rel, e.abs, attrs, !fresh_dir);
+                    rec.manifest.insert(rel, Copied::new(d, &attrs));
                     return Ok(());
                 }
             }
@@ -1159,7 +1157,7 @@ impl CopyVisitor<'_, '_> {
         if let (Some(rec), Some(rel), Some(d)) = (self.rec.as_deref_mut(), &rel, digest) {
             // Changed since its checksum was taken: what was copied is not known.
             if unchanged(e.md, &after) {
-                rec.manifest.insert(rel, d);
+                rec.manifest.insert(rel, Copied::new(d, &attrs));
             }
         }
         Ok(())
@@ -1348,7 +1346,12 @@ fn copy_one(
         links,
         rec,
     };
-    walk_source(src.path, &s.resolved, filter, &mut v)
+    if v.rec.is_some() {
+        // A recorded context copy of many files is mostly stats, which run on all cores.
+        walk_source_prefetched(src.path, &s.resolved, filter, &mut v)
+    } else {
+        walk_source(src.path, &s.resolved, filter, &mut v)
+    }
 }
 
 // ---------------------------------------------------------------------------------------

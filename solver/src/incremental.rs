@@ -4,13 +4,15 @@
 //!
 //! - Every context COPY records a [`CopyManifest`] next to its snapshot's upper dir: for
 //!   each destination file, the blake3 of the content it was copied from (the stat cache's
-//!   checksum, so recording costs no reads when the cache key was just computed). Only
+//!   checksum, so recording costs no reads when the cache key was just computed) and the
+//!   owner, permission bits, size and mtime it was given. Only
 //!   plain files are recorded: one source inode per destination (no source hardlinks) and
 //!   no xattrs, so the recorded file is fully described by its content, owner, mode, size
 //!   and times.
-//! - On the next run, a file is linked only when its content checksum equals the
-//!   manifest's AND the previous inode's owner, permission bits, size and mtime (with
-//!   nanoseconds) equal what a fresh copy would get; anything else is copied as before.
+//! - On the next run, a file is linked only when its content checksum and the attributes
+//!   a fresh copy would get (owner, permission bits, size, mtime with nanoseconds) equal
+//!   the manifest's, AND the inode linked has those attributes (checked on the link
+//!   itself, after it is made); anything else is copied as before.
 //!   A linked inode is never chmod-ed, chown-ed or touched: attributes go only to fresh
 //!   copies. Committed snapshots never change and overlayfs copies a lower file up before
 //!   writing it, so the shared inode stays as it is in both results.
@@ -38,7 +40,10 @@ use crate::fileop::{io_err, FileOpError};
 /// is made before the commit and removed with the snapshot.
 pub const MANIFEST_FILE: &str = "copy-manifest";
 
-const MAGIC: &[u8] = b"STRATA-COPY-MANIFEST-1\n";
+const MAGIC: &[u8] = b"STRATA-COPY-MANIFEST-2\n";
+/// Path key, content digest, then uid, gid, perm (u32 each), size, mtime secs (u64/i64)
+/// and mtime nanos (i64).
+const ENTRY_LEN: usize = 16 + 32 + 12 + 24;
 const PATH_DOMAIN: &[u8] = b"strata-copy-manifest-path-v1\0";
 
 /// 128 bits of blake3 of a destination path: keeps a 20,000-file manifest under 1 MB.
@@ -54,10 +59,35 @@ fn path_key(rel: &Path) -> PathKey {
 }
 
 /// What a context COPY wrote: destination path (relative to the root filesystem, as in the
-/// snapshot's upper dir) -> blake3 of the content copied there.
+/// snapshot's upper dir) -> blake3 of the content copied there, and the attributes the
+/// copy got.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct CopyManifest {
-    entries: HashMap<PathKey, [u8; 32]>,
+    entries: HashMap<PathKey, Copied>,
+}
+
+/// One recorded file: its content's blake3 and the attributes it was given.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Copied {
+    pub digest: [u8; 32],
+    pub uid: u32,
+    pub gid: u32,
+    pub perm: u32,
+    pub size: u64,
+    pub mtime: (i64, i64),
+}
+
+impl Copied {
+    pub(crate) fn new(digest: [u8; 32], a: &FileAttrs) -> Self {
+        Copied {
+            digest,
+            uid: a.uid,
+            gid: a.gid,
+            perm: a.perm,
+            size: a.size,
+            mtime: a.mtime,
+        }
+    }
 }
 
 impl CopyManifest {
@@ -69,15 +99,15 @@ impl CopyManifest {
         self.entries.is_empty()
     }
 
-    pub(crate) fn insert(&mut self, rel: &Path, digest: [u8; 32]) {
-        self.entries.insert(path_key(rel), digest);
+    pub(crate) fn insert(&mut self, rel: &Path, copied: Copied) {
+        self.entries.insert(path_key(rel), copied);
     }
 
     pub(crate) fn remove(&mut self, rel: &Path) {
         self.entries.remove(&path_key(rel));
     }
 
-    pub fn get(&self, rel: &Path) -> Option<&[u8; 32]> {
+    pub fn get(&self, rel: &Path) -> Option<&Copied> {
         self.entries.get(&path_key(rel))
     }
 
@@ -85,13 +115,19 @@ impl CopyManifest {
     /// detected on load and simply not used.
     pub fn encode(&self) -> Vec<u8> {
         let mut sorted: Vec<_> = self.entries.iter().collect();
-        sorted.sort();
-        let mut out = Vec::with_capacity(MAGIC.len() + 8 + sorted.len() * 48 + 32);
+        sorted.sort_by_key(|(k, _)| **k);
+        let mut out = Vec::with_capacity(MAGIC.len() + 8 + sorted.len() * ENTRY_LEN + 32);
         out.extend_from_slice(MAGIC);
         out.extend_from_slice(&(sorted.len() as u64).to_le_bytes());
-        for (k, d) in sorted {
+        for (k, c) in sorted {
             out.extend_from_slice(k);
-            out.extend_from_slice(d);
+            out.extend_from_slice(&c.digest);
+            out.extend_from_slice(&c.uid.to_le_bytes());
+            out.extend_from_slice(&c.gid.to_le_bytes());
+            out.extend_from_slice(&c.perm.to_le_bytes());
+            out.extend_from_slice(&c.size.to_le_bytes());
+            out.extend_from_slice(&c.mtime.0.to_le_bytes());
+            out.extend_from_slice(&c.mtime.1.to_le_bytes());
         }
         let sum = blake3::hash(&out);
         out.extend_from_slice(sum.as_bytes());
@@ -107,13 +143,24 @@ impl CopyManifest {
         let rest = body.strip_prefix(MAGIC)?;
         let (count, rest) = rest.split_at_checked(8)?;
         let count = usize::try_from(u64::from_le_bytes(count.try_into().ok()?)).ok()?;
-        if rest.len() != count.checked_mul(48)? {
+        if rest.len() != count.checked_mul(ENTRY_LEN)? {
             return None;
         }
         let mut entries = HashMap::with_capacity(count);
-        for chunk in rest.chunks_exact(48) {
-            let (k, d) = chunk.split_at(16);
-            entries.insert(k.try_into().ok()?, d.try_into().ok()?);
+        for chunk in rest.chunks_exact(ENTRY_LEN) {
+            let (k, c) = chunk.split_at(16);
+            let (digest, c) = c.split_at(32);
+            let u32_at = |i: usize| Some(u32::from_le_bytes(c.get(i..i + 4)?.try_into().ok()?));
+            let u64_at = |i: usize| Some(u64::from_le_bytes(c.get(i..i + 8)?.try_into().ok()?));
+            let copied = Copied {
+                digest: digest.try_into().ok()?,
+                uid: u32_at(0)?,
+                gid: u32_at(4)?,
+                perm: u32_at(8)?,
+                size: u64_at(12)?,
+                mtime: (u64_at(20)? as i64, u64_at(28)? as i64),
+            };
+            entries.insert(k.try_into().ok()?, copied);
         }
         Some(CopyManifest { entries })
     }
@@ -187,40 +234,17 @@ impl PreviousCopy {
     }
 }
 
-/// The last directory of the previous result looked into, kept open: a copy visits the
-/// files of one directory one after another.
-#[derive(Default)]
-pub(crate) struct DirCache {
-    dir: Option<(PathBuf, OwnedFd)>,
-}
-
-impl DirCache {
-    fn get(&mut self, root: &OwnedFd, dir: &Path) -> Option<&OwnedFd> {
-        if self.dir.as_ref().is_none_or(|(d, _)| d != dir) {
-            self.dir = None;
-            let fd = open_beneath(root, dir, libc::O_PATH | libc::O_DIRECTORY).ok()?;
-            self.dir = Some((dir.to_path_buf(), fd));
-        }
-        self.dir.as_ref().map(|(_, fd)| fd)
-    }
-}
-
-/// (dev, ino) of the previous result's file at `rel` when it can stand for a fresh copy
-/// of content `digest` with `attrs`.
+/// Whether the previous result's file at `rel` was copied from content `digest` with
+/// `attrs`, as the manifest says: then a link of it stands for a fresh copy.
+/// [`PendingLinks::finish`] checks the attributes again on the inode it links (a stat
+/// now would only be repeated there).
 pub(crate) fn linkable(
     prev: &PreviousCopy,
-    cache: &mut DirCache,
     rel: &Path,
     digest: &[u8; 32],
     attrs: &FileAttrs,
-) -> Option<(u64, u64)> {
-    if prev.manifest.get(rel) != Some(digest) {
-        return None;
-    }
-    let name = rel.file_name()?;
-    let dir = cache.get(&prev.root, rel.parent().unwrap_or(Path::new("")))?;
-    let st = stat_at(dir, name).ok().flatten()?;
-    same_attrs(&st, attrs).then_some((st.st_dev, st.st_ino))
+) -> bool {
+    prev.manifest.get(rel) == Some(&Copied::new(*digest, attrs))
 }
 
 /// Whether an inode is a regular file with the attributes a fresh copy gets.
@@ -240,7 +264,6 @@ struct PendingLink {
     /// new name).
     src_name: Option<Box<OsStr>>,
     attrs: FileAttrs,
-    prev_id: (u64, u64),
     /// Whether the copy left an empty file at the path (else nothing is there).
     placeholder: bool,
 }
@@ -301,14 +324,7 @@ impl PendingLinks {
     }
 
     /// Adds the file at `rel`, which must not be pending already (see [`Self::cancel`]).
-    pub(crate) fn add(
-        &mut self,
-        rel: &Path,
-        src: &Path,
-        attrs: FileAttrs,
-        prev_id: (u64, u64),
-        placeholder: bool,
-    ) {
+    pub(crate) fn add(&mut self, rel: &Path, src: &Path, attrs: FileAttrs, placeholder: bool) {
         let (Some((dir, name)), Some((sdir, sname))) = (split(rel), split(src)) else {
             return;
         };
@@ -324,7 +340,6 @@ impl PendingLinks {
             src_dir,
             src_name: (sname != name).then(|| Box::from(sname)),
             attrs,
-            prev_id,
             placeholder,
         };
         self.group(dir).push((Box::from(name), link));
@@ -414,8 +429,8 @@ fn link_dir(
     Ok(report)
 }
 
-/// Links `name` of `from` to `name` in `to`, and keeps it only if it is the inode the
-/// copy checked, still with the attributes a copy would get.
+/// Links `name` of `from` to `name` in `to`, and keeps it only if that inode is a regular
+/// file with the attributes a fresh copy would get.
 fn link_from(from: &OwnedFd, to: &OwnedFd, name: &CString, link: &PendingLink) -> bool {
     // SAFETY: valid directory fds and NUL-terminated names; flags 0 never follows a link.
     let rc = unsafe {
@@ -431,9 +446,7 @@ fn link_from(from: &OwnedFd, to: &OwnedFd, name: &CString, link: &PendingLink) -
         return false;
     }
     match stat_at(to, OsStr::from_bytes(name.as_bytes())) {
-        Ok(Some(st)) if (st.st_dev, st.st_ino) == link.prev_id && same_attrs(&st, &link.attrs) => {
-            true
-        }
+        Ok(Some(st)) if same_attrs(&st, &link.attrs) => true,
         _ => {
             // SAFETY: as above.
             unsafe { libc::unlinkat(to.as_raw_fd(), name.as_ptr(), 0) };
