@@ -14,8 +14,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use strata_dag::CopyAction;
 
 use crate::fileop::{
-    io_err, plan_sources, walk_source_prefetched, FileOpError, Filter, SourceRoot, Visitor,
-    WalkEntry, WalkEvent,
+    io_err, plan_sources, walk_source_prefetched, FileOpError, Filter, ListingCache, Prefetch,
+    SourceRoot, Visitor, WalkEntry, WalkEvent,
 };
 
 const DOMAIN: &[u8] = b"strata-contenthash-v1\0";
@@ -56,7 +56,11 @@ pub fn checksum(
         v.links.clear();
         v.hasher.update(b"S");
         v.put_bytes(s.name.as_bytes());
-        walk_source_prefetched(root.path, &s.resolved, &filter, &mut v)?;
+        let how = Prefetch {
+            listings_to: root.is_context.then_some(&cache.listings),
+            ..Prefetch::default()
+        };
+        walk_source_prefetched(root.path, &s.resolved, &filter, &mut v, &how)?;
     }
     Ok(*v.hasher.finalize().as_bytes())
 }
@@ -187,6 +191,8 @@ pub struct StatCache {
     /// Whether an entry was added since the file was loaded or saved: an unchanged cache is
     /// not rewritten (for a 20,000-file context that is 2 MB and an fsync per build).
     dirty: AtomicBool,
+    /// Listings the last context checksum walk read, for the copy that follows it.
+    pub(crate) listings: ListingCache,
 }
 
 impl std::fmt::Debug for StatCache {
@@ -216,6 +222,7 @@ impl StatCache {
             entries: Mutex::new(entries),
             hashed: AtomicU64::new(0),
             dirty: AtomicBool::new(false),
+            listings: ListingCache::default(),
         }
     }
 

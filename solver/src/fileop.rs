@@ -627,7 +627,13 @@ pub(crate) struct WalkEntry<'e> {
     pub rel: &'e Path,
     pub root_rel: &'e Path,
     pub md: &'e Metadata,
+    /// The xattr names of a singly-linked regular file, when read ahead
+    /// ([`Prefetch::xattrs`]).
+    pub xattrs: Option<&'e XattrNames>,
 }
+
+/// A file's xattr names; `None` when they cannot be listed.
+pub(crate) type XattrNames = Option<Vec<OsString>>;
 
 pub(crate) enum WalkEvent {
     DirStart,
@@ -656,7 +662,7 @@ pub(crate) fn walk_source(
     filter: &Filter,
     v: &mut dyn Visitor,
 ) -> Result<(), FileOpError> {
-    walk_source_with(root, resolved, filter, v, false)
+    walk_source_with(root, resolved, filter, v, None)
 }
 
 /// [`walk_source`] with the directory listings and stats read ahead on all cores first
@@ -668,12 +674,56 @@ pub(crate) fn walk_source_prefetched(
     resolved: &Path,
     filter: &Filter,
     v: &mut dyn Visitor,
+    how: &Prefetch,
 ) -> Result<(), FileOpError> {
-    walk_source_with(root, resolved, filter, v, true)
+    walk_source_with(root, resolved, filter, v, Some(how))
 }
 
-/// Directory listings read ahead of a walk: absolute directory -> sorted (name, stat).
-type Listings = HashMap<PathBuf, Vec<(OsString, Metadata)>>;
+/// What a read-ahead walk does besides the stats.
+#[derive(Default)]
+pub(crate) struct Prefetch<'a> {
+    /// Also list the xattrs of singly-linked regular files (a recorded copy needs them).
+    pub xattrs: bool,
+    /// Take listings from here (a context walk made just before) instead of reading them.
+    pub listings_from: Option<&'a ListingCache>,
+    /// Leave a copy of the listings here for a walk to come.
+    pub listings_to: Option<&'a ListingCache>,
+}
+
+/// Directory listings a context walk leaves for the copy of the same context that follows
+/// it (the cache key is computed right before the step runs): the copy then stats nothing
+/// again, and copies exactly the files the key was computed from. Each listing is used
+/// once; a tree bigger than [`ListingCache::MAX_ENTRIES`] is not kept.
+#[derive(Default)]
+pub struct ListingCache(std::sync::Mutex<HashMap<PathBuf, Vec<(OsString, Metadata)>>>);
+
+impl ListingCache {
+    const MAX_ENTRIES: usize = 200_000;
+
+    fn put(&self, listings: &Listings) {
+        if listings.values().map(|l| l.entries.len()).sum::<usize>() > Self::MAX_ENTRIES {
+            return;
+        }
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        for (dir, l) in listings {
+            map.insert(dir.clone(), l.entries.clone());
+        }
+    }
+
+    fn take(&self, dir: &Path) -> Option<Vec<(OsString, Metadata)>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).remove(dir)
+    }
+}
+
+/// Directory listings read ahead of a walk: absolute directory -> its listing.
+type Listings = HashMap<PathBuf, DirListing>;
+
+/// Sorted (name, stat) of a directory's entries, and when asked for, the xattr names of
+/// each singly-linked regular file (`None` for other entries).
+struct DirListing {
+    entries: Vec<(OsString, Metadata)>,
+    xattrs: Vec<Option<XattrNames>>,
+}
 
 /// Reads, in parallel, the listing of `abs` and of every directory below it that
 /// [`walk_dir`] would enter (the same filter decision). A directory that cannot be read is
@@ -683,11 +733,26 @@ fn prefetch_dir(
     rel: PathBuf,
     root_rel: PathBuf,
     filter: &Filter,
+    how: &Prefetch,
     out: &std::sync::Mutex<Listings>,
 ) {
     use rayon::prelude::*;
-    let Ok(entries) = sorted_dir_md(&abs) else {
-        return;
+    let entries = match how.listings_from.and_then(|c| c.take(&abs)) {
+        Some(e) => e,
+        None => match sorted_dir_md(&abs) {
+            Ok(e) => e,
+            Err(_) => return,
+        },
+    };
+    let xattrs = if how.xattrs {
+        entries
+            .iter()
+            .map(|(name, md)| {
+                (md.is_file() && md.nlink() == 1).then(|| xattr_names(&abs.join(name)))
+            })
+            .collect()
+    } else {
+        Vec::new()
     };
     let subdirs: Vec<(PathBuf, PathBuf, PathBuf)> = entries
         .iter()
@@ -702,10 +767,10 @@ fn prefetch_dir(
         .collect();
     out.lock()
         .unwrap_or_else(|p| p.into_inner())
-        .insert(abs, entries);
+        .insert(abs, DirListing { entries, xattrs });
     subdirs
         .into_par_iter()
-        .for_each(|(a, r, rr)| prefetch_dir(a, r, rr, filter, out));
+        .for_each(|(a, r, rr)| prefetch_dir(a, r, rr, filter, how, out));
 }
 
 fn walk_source_with(
@@ -713,7 +778,7 @@ fn walk_source_with(
     resolved: &Path,
     filter: &Filter,
     v: &mut dyn Visitor,
-    prefetch: bool,
+    prefetch: Option<&Prefetch>,
 ) -> Result<(), FileOpError> {
     let abs = root.join(resolved);
     let md = fs::symlink_metadata(&abs).map_err(io_err("stat", &abs))?;
@@ -723,21 +788,26 @@ fn walk_source_with(
         rel: &rel,
         root_rel: resolved,
         md: &md,
+        xattrs: None,
     };
     if md.is_dir() {
         v.visit(WalkEvent::DirStart, &entry)?;
         let mut pending = Vec::new();
         let mut pre = Listings::new();
-        if prefetch {
+        if let Some(how) = prefetch {
             let out = std::sync::Mutex::new(Listings::new());
             prefetch_dir(
                 abs.clone(),
                 rel.clone(),
                 resolved.to_path_buf(),
                 filter,
+                how,
                 &out,
             );
             pre = out.into_inner().unwrap_or_else(|p| p.into_inner());
+            if let Some(cache) = how.listings_to {
+                cache.put(&pre);
+            }
         }
         walk_dir(&abs, &rel, resolved, filter, &mut pending, &mut pre, v)?;
         v.visit(WalkEvent::DirEnd, &entry)
@@ -756,6 +826,7 @@ fn flush(pending: &mut [Pending], v: &mut dyn Visitor) -> Result<(), FileOpError
                 rel: &p.rel,
                 root_rel: &p.root_rel,
                 md: &p.md,
+                xattrs: None,
             },
         )?;
     }
@@ -773,9 +844,14 @@ fn walk_dir(
 ) -> Result<(), FileOpError> {
     let listing = match pre.remove(abs) {
         Some(l) => l,
-        None => sorted_dir_md(abs)?,
+        None => DirListing {
+            entries: sorted_dir_md(abs)?,
+            xattrs: Vec::new(),
+        },
     };
-    for (name, md) in listing {
+    let mut xattrs = listing.xattrs.into_iter();
+    for (name, md) in listing.entries {
+        let names = xattrs.next().flatten();
         let c_abs = abs.join(&name);
         let c_rel = join_rel(rel, &name);
         let c_root_rel = join_rel(root_rel, &name);
@@ -786,6 +862,7 @@ fn walk_dir(
             rel: &c_rel,
             root_rel: &c_root_rel,
             md: &md,
+            xattrs: names.as_ref(),
         };
         if md.is_dir() {
             if included {
@@ -1120,7 +1197,10 @@ impl CopyVisitor<'_, '_> {
     ) -> Result<(), FileOpError> {
         let rel = dst.strip_prefix(self.dest_root).ok().map(Path::to_path_buf);
         let attrs = self.attrs(e);
-        let names = xattr_names(e.abs);
+        let names = match e.xattrs {
+            Some(names) => names.clone(),
+            None => xattr_names(e.abs),
+        };
         // Files with xattrs are never recorded: their copy is not described by the
         // content checksum and attributes alone.
         let plain = names.as_ref().is_some_and(Vec::is_empty);
@@ -1346,9 +1426,16 @@ fn copy_one(
         links,
         rec,
     };
-    if v.rec.is_some() {
-        // A recorded context copy of many files is mostly stats, which run on all cores.
-        walk_source_prefetched(src.path, &s.resolved, filter, &mut v)
+    if let Some(cache) = v.rec.as_ref().map(|r| r.cache) {
+        // A recorded context copy of many files is mostly stats and xattr listings: they
+        // run on all cores, and the stats are those of the cache key's walk when it left
+        // them.
+        let how = Prefetch {
+            xattrs: true,
+            listings_from: Some(&cache.listings),
+            listings_to: None,
+        };
+        walk_source_prefetched(src.path, &s.resolved, filter, &mut v, &how)
     } else {
         walk_source(src.path, &s.resolved, filter, &mut v)
     }
