@@ -335,3 +335,29 @@ fn a_file_copied_to_another_name_falls_back_to_its_own_source() {
     let full = copy(ctx.path(), single, &cache, None);
     assert_eq!(tree(second.dest.path()), tree(full.dest.path()));
 }
+
+#[test]
+fn a_copy_writes_the_files_its_cache_key_was_computed_from() {
+    let ctx = context();
+    let cache = StatCache::new();
+    let src = SourceRoot {
+        path: ctx.path(),
+        ignore: None,
+        is_context: true,
+    };
+    let key = strata_solver::contenthash::checksum(&src, &cp("src", "/out/"), &cache).unwrap();
+    // Between the key and the copy: a file appears in a directory the key's walk listed.
+    write(ctx.path(), "src/sub/late", "late", 1_500_000_010);
+    let run = copy(ctx.path(), cp("src", "/out/"), &cache, None);
+    let out = run.dest.path().join("out");
+    assert!(out.join("sub/d").exists());
+    assert!(
+        !out.join("sub/late").exists(),
+        "the copy used the listings the key was computed from"
+    );
+    // The listings are used once: the next copy sees the context as it is now.
+    let again = copy(ctx.path(), cp("src", "/out/"), &cache, None);
+    assert!(again.dest.path().join("out/sub/late").exists());
+    let now = strata_solver::contenthash::checksum(&src, &cp("src", "/out/"), &cache).unwrap();
+    assert_ne!(key, now);
+}
