@@ -171,6 +171,8 @@ impl StatKey {
 struct Slot {
     digest: [u8; 32],
     used: bool,
+    /// The file had no xattrs when hashed (setting one changes its ctime, so its key).
+    no_xattrs: bool,
 }
 
 /// Entries are only recorded when the file's ctime is older than this at hashing time: a
@@ -178,7 +180,7 @@ struct Slot {
 const RACY_NANOS: i128 = 100_000_000;
 /// Above this many entries, a save keeps only those used since the cache was opened.
 const PRUNE_ABOVE: usize = 500_000;
-const MAGIC: &[u8] = b"STRATA-STATCACHE-1\n";
+const MAGIC: &[u8] = b"STRATA-STATCACHE-2\n";
 
 /// Persistent stat cache: (path relative to its root, size, mtime, ctime, inode, mode) ->
 /// blake3 of the content. Re-checksumming an unchanged tree reads only stats; a changed file
@@ -305,14 +307,35 @@ impl StatCache {
         }
         self.hashed.fetch_add(1, Ordering::Relaxed);
         let digest = *hasher.finalize().as_bytes();
+        // Listed before the second stat: an xattr set meanwhile changes the ctime, and the
+        // entry is then not recorded.
+        let no_xattrs = {
+            use xattr::FileExt;
+            f.list_xattr().is_ok_and(|mut names| names.next().is_none())
+        };
         let after = f.metadata().map_err(io_err("stat", abs))?;
         let stable = StatKey::of(rel, &after) == key;
         let ctime = i128::from(md.ctime()) * 1_000_000_000 + i128::from(md.ctime_nsec());
         if stable && started - ctime > RACY_NANOS {
-            self.lock().insert(key, Slot { digest, used: true });
+            self.lock().insert(
+                key,
+                Slot {
+                    digest,
+                    used: true,
+                    no_xattrs,
+                },
+            );
             self.dirty.store(true, Ordering::Release);
         }
         Ok(digest)
+    }
+
+    /// Whether the file with stat `md` at `rel` is known to have no xattrs: it is
+    /// unchanged since it was hashed and had none then. Spares a copy listing them.
+    pub(crate) fn known_without_xattrs(&self, rel: &[u8], md: &fs::Metadata) -> bool {
+        self.lock()
+            .get(&StatKey::of(rel, md))
+            .is_some_and(|slot| slot.no_xattrs)
     }
 }
 
@@ -338,6 +361,7 @@ fn encode(entries: &HashMap<StatKey, Slot>) -> Vec<u8> {
         out.extend_from_slice(&k.ino.to_le_bytes());
         out.extend_from_slice(&k.mode.to_le_bytes());
         out.extend_from_slice(&s.digest);
+        out.push(u8::from(s.no_xattrs));
     }
     let sum = blake3::hash(&out);
     out.extend_from_slice(sum.as_bytes());
@@ -372,11 +396,13 @@ fn decode(bytes: &[u8]) -> Option<HashMap<StatKey, Slot>> {
             mode: u32::from_le_bytes(take(&mut r)?),
         };
         let digest: [u8; 32] = take(&mut r)?;
+        let [flag] = take::<1>(&mut r)?;
         out.insert(
             key,
             Slot {
                 digest,
                 used: false,
+                no_xattrs: flag == 1,
             },
         );
     }

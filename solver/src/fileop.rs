@@ -682,8 +682,9 @@ pub(crate) fn walk_source_prefetched(
 /// What a read-ahead walk does besides the stats.
 #[derive(Default)]
 pub(crate) struct Prefetch<'a> {
-    /// Also list the xattrs of singly-linked regular files (a recorded copy needs them).
-    pub xattrs: bool,
+    /// Also list the xattrs of singly-linked regular files (a recorded copy needs them),
+    /// except those this stat cache knows have none.
+    pub xattrs: Option<&'a StatCache>,
     /// Take listings from here (a context walk made just before) instead of reading them.
     pub listings_from: Option<&'a ListingCache>,
     /// Leave a copy of the listings here for a walk to come.
@@ -744,15 +745,21 @@ fn prefetch_dir(
             Err(_) => return,
         },
     };
-    let xattrs = if how.xattrs {
-        entries
+    let xattrs = match how.xattrs {
+        Some(cache) => entries
             .iter()
             .map(|(name, md)| {
-                (md.is_file() && md.nlink() == 1).then(|| xattr_names(&abs.join(name)))
+                (md.is_file() && md.nlink() == 1).then(|| {
+                    let key = join_rel(&root_rel, name);
+                    if cache.known_without_xattrs(key.as_os_str().as_bytes(), md) {
+                        Some(Vec::new())
+                    } else {
+                        xattr_names(&abs.join(name))
+                    }
+                })
             })
-            .collect()
-    } else {
-        Vec::new()
+            .collect(),
+        None => Vec::new(),
     };
     let subdirs: Vec<(PathBuf, PathBuf, PathBuf)> = entries
         .iter()
@@ -1431,7 +1438,7 @@ fn copy_one(
         // run on all cores, and the stats are those of the cache key's walk when it left
         // them.
         let how = Prefetch {
-            xattrs: true,
+            xattrs: Some(cache),
             listings_from: Some(&cache.listings),
             listings_to: None,
         };

@@ -361,3 +361,46 @@ fn a_copy_writes_the_files_its_cache_key_was_computed_from() {
     let now = strata_solver::contenthash::checksum(&src, &cp("src", "/out/"), &cache).unwrap();
     assert_ne!(key, now);
 }
+
+#[test]
+fn an_xattr_set_after_the_context_was_hashed_is_copied() {
+    let ctx = context();
+    // Old enough for the stat cache to record it (and that it had no xattrs).
+    std::thread::sleep(Duration::from_millis(300));
+    let cache = StatCache::new();
+    let src = SourceRoot {
+        path: ctx.path(),
+        ignore: None,
+        is_context: true,
+    };
+    strata_solver::contenthash::checksum(&src, &cp("src", "/out/"), &cache).unwrap();
+    assert_eq!(
+        cache.len(),
+        7,
+        "a, b, c, sub/d, sub/e, h1 and x are recorded"
+    );
+    let first = copy(ctx.path(), cp("src", "/out/"), &cache, None);
+    assert_eq!(
+        xattr::get(first.dest.path().join("out/a"), "user.late").unwrap(),
+        None
+    );
+
+    xattr::set(ctx.path().join("src/a"), "user.late", b"v").unwrap();
+    let second = copy(
+        ctx.path(),
+        cp("src", "/out/"),
+        &cache,
+        Some(&previous(&first)),
+    );
+    let a = second.dest.path().join("out/a");
+    assert_eq!(
+        xattr::get(&a, "user.late").unwrap().as_deref(),
+        Some(&b"v"[..]),
+        "the new xattr changed the file's ctime, so its cached 'no xattrs' no longer applied"
+    );
+    assert_eq!(
+        fs::metadata(&a).unwrap().nlink(),
+        1,
+        "a file with xattrs is never linked"
+    );
+}
