@@ -693,7 +693,7 @@ impl<W: Write> TarOut<W> {
         mode: u32,
         link: Option<&[u8]>,
         xattrs: &[(String, Vec<u8>)],
-        data: Option<(fs::File, &Path, u64)>,
+        data: Option<(Content, &Path, u64)>,
     ) -> Result<()> {
         let mut h = tar::Header::new_ustar();
         h.set_entry_type(kind);
@@ -740,9 +740,23 @@ impl<W: Write> TarOut<W> {
         }
         h.set_cksum();
         self.raw(h.as_bytes())?;
-        if let Some((f, src, size)) = data {
-            let copied = io::copy(&mut f.take(size), &mut self.out)
-                .map_err(|e| Error::io(format!("copy {}", src.display()), e))?;
+        if let Some((content, src, size)) = data {
+            let copied = match content {
+                Content::Read(bytes) => {
+                    self.raw(&bytes)?;
+                    bytes.len() as u64
+                }
+                Content::Later => {
+                    let f = open_path_regular(src).ok_or_else(|| {
+                        Error::io(
+                            format!("open {}", src.display()),
+                            io::Error::other("no longer a regular file"),
+                        )
+                    })?;
+                    io::copy(&mut f.take(size), &mut self.out)
+                        .map_err(|e| Error::io(format!("copy {}", src.display()), e))?
+                }
+            };
             if copied != size {
                 return Err(Error::io(
                     format!("copy {}", src.display()),
@@ -830,89 +844,126 @@ fn is_opaque(path: &Path) -> Result<bool> {
     }
 }
 
-fn write_dir<W: Write>(out: &mut TarOut<W>, dir: &Path, rel: &[u8]) -> Result<()> {
+// The walk is split in two threads: a reader that does all the filesystem work (listing,
+// stats, xattrs, reading small files), a directory at a time and ahead of the tar, and the
+// writer that formats and hashes the entries. For a tree of small files the syscalls are
+// most of an export, and they then overlap with the hashing.
+
+/// One entry of a directory as the reader found it.
+struct Child {
+    name: std::ffi::OsString,
+    meta: fs::Metadata,
+    kind: ChildKind,
+}
+
+enum ChildKind {
+    Whiteout,
+    /// Its own listing is the next one the reader sends.
+    Dir {
+        xattrs: Vec<(String, Vec<u8>)>,
+        opaque: bool,
+    },
+    Symlink {
+        target: std::path::PathBuf,
+        xattrs: Vec<(String, Vec<u8>)>,
+    },
+    Regular {
+        xattrs: Vec<(String, Vec<u8>)>,
+        content: Content,
+    },
+    Node {
+        kind: tar::EntryType,
+        xattrs: Vec<(String, Vec<u8>)>,
+    },
+    /// Sockets cannot be carried in a tar.
+    Skip,
+}
+
+enum Content {
+    Read(Vec<u8>),
+    /// Too big to hold ahead: the writer reads it when it gets there.
+    Later,
+}
+
+/// Directory listings handed from the reader to the writer, in the order the writer
+/// visits directories (depth first, children sorted by name).
+type Listing = Result<Vec<Child>>;
+
+/// Listings the reader may be ahead by, and the file data one listing holds at most
+/// (files past it, and any file over [`READ_WHOLE_MAX`], are read by the writer).
+const LISTINGS_AHEAD: usize = 2;
+const LISTING_DATA_MAX: usize = 8 << 20;
+const READ_WHOLE_MAX: u64 = 256 << 10;
+
+/// Sends the listing of `dir`, then those of its subdirectories in order; false once the
+/// writer is gone or a listing failed (the error was sent).
+fn read_tree(dir: &Path, tx: &std::sync::mpsc::SyncSender<Listing>) -> bool {
+    let listing = list_children(dir);
+    let subdirs: Vec<std::path::PathBuf> = match &listing {
+        Ok(children) => children
+            .iter()
+            .filter(|c| matches!(c.kind, ChildKind::Dir { .. }))
+            .map(|c| dir.join(&c.name))
+            .collect(),
+        Err(_) => Vec::new(),
+    };
+    let ok = listing.is_ok();
+    if tx.send(listing).is_err() || !ok {
+        return false;
+    }
+    subdirs.iter().all(|d| read_tree(d, tx))
+}
+
+fn list_children(dir: &Path) -> Result<Vec<Child>> {
     // Files are opened relative to the directory: one name to resolve instead of the whole
     // path, and the open file answers the stat and the xattr listing.
     let dir_file =
         fs::File::open(dir).map_err(|e| Error::io(format!("open {}", dir.display()), e))?;
-    let mut children: Vec<(std::ffi::OsString, bool)> = fs::read_dir(dir)
+    let mut names: Vec<(std::ffi::OsString, bool)> = fs::read_dir(dir)
         .map_err(|e| Error::io(format!("list {}", dir.display()), e))?
         .map(|e| e.map(|e| (e.file_name(), e.file_type().is_ok_and(|t| t.is_file()))))
         .collect::<io::Result<_>>()
         .map_err(|e| Error::io(format!("list {}", dir.display()), e))?;
-    children.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
-    for (name, listed_as_file) in children {
+    names.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+    let mut budget = LISTING_DATA_MAX;
+    let mut children = Vec::with_capacity(names.len());
+    for (name, listed_as_file) in names {
         let full = dir.join(&name);
-        let mut path = rel.to_vec();
-        if !path.is_empty() {
-            path.push(b'/');
-        }
-        path.extend_from_slice(name.as_bytes());
         if listed_as_file {
-            if let Some(file) = open_regular(&dir_file, &name) {
-                let meta = file
-                    .metadata()
-                    .map_err(|e| Error::io(format!("stat {}", full.display()), e))?;
-                if meta.is_file() {
-                    write_regular(out, &path, &full, file, &meta)?;
-                    continue;
-                }
+            if let Some(child) = read_regular(&dir_file, name.clone(), &full, &mut budget)? {
+                children.push(child);
+                continue;
             }
         }
         let meta = fs::symlink_metadata(&full)
             .map_err(|e| Error::io(format!("stat {}", full.display()), e))?;
         let ft = meta.file_type();
-        let mode = meta.mode() & 0o7777;
-        if ft.is_char_device() && meta.rdev() == 0 {
-            let mut wh = rel.to_vec();
-            if !wh.is_empty() {
-                wh.push(b'/');
-            }
-            wh.extend_from_slice(WHITEOUT_PREFIX);
-            wh.extend_from_slice(name.as_bytes());
-            // Mode 0 as overlayfs creates them; the device's own bits mean nothing.
-            out.entry(&wh, tar::EntryType::Regular, &meta, 0, None, &[], None)?;
+        let kind = if ft.is_char_device() && meta.rdev() == 0 {
+            ChildKind::Whiteout
         } else if ft.is_dir() {
-            let xattrs = layer_xattrs(&full)?;
-            let mut dpath = path.clone();
-            dpath.push(b'/');
-            out.entry(
-                &dpath,
-                tar::EntryType::Directory,
-                &meta,
-                mode,
-                None,
-                &xattrs,
-                None,
-            )?;
-            if is_opaque(&full)? {
-                let mut marker = path.clone();
-                marker.push(b'/');
-                marker.extend_from_slice(OPAQUE_MARKER);
-                out.entry(&marker, tar::EntryType::Regular, &meta, 0, None, &[], None)?;
+            ChildKind::Dir {
+                xattrs: layer_xattrs(&full)?,
+                opaque: is_opaque(&full)?,
             }
-            write_dir(out, &full, &path)?;
         } else if ft.is_symlink() {
-            let target = fs::read_link(&full)
-                .map_err(|e| Error::io(format!("read link {}", full.display()), e))?;
-            let xattrs = layer_xattrs(&full)?;
-            out.entry(
-                &path,
-                tar::EntryType::Symlink,
-                &meta,
-                mode,
-                Some(target.as_os_str().as_bytes()),
-                &xattrs,
-                None,
-            )?;
+            ChildKind::Symlink {
+                target: fs::read_link(&full)
+                    .map_err(|e| Error::io(format!("read link {}", full.display()), e))?,
+                xattrs: layer_xattrs(&full)?,
+            }
         } else if ft.is_file() {
-            let file = open_regular(&dir_file, &name).ok_or_else(|| {
-                Error::io(
-                    format!("open {}", full.display()),
-                    io::Error::last_os_error(),
-                )
-            })?;
-            write_regular(out, &path, &full, file, &meta)?;
+            match read_regular(&dir_file, name.clone(), &full, &mut budget)? {
+                Some(child) => {
+                    children.push(child);
+                    continue;
+                }
+                None => {
+                    return Err(Error::io(
+                        format!("open {}", full.display()),
+                        io::Error::other("no longer a regular file"),
+                    ))
+                }
+            }
         } else if ft.is_char_device() || ft.is_block_device() || ft.is_fifo() {
             let kind = if ft.is_char_device() {
                 tar::EntryType::Char
@@ -921,10 +972,130 @@ fn write_dir<W: Write>(out: &mut TarOut<W>, dir: &Path, rel: &[u8]) -> Result<()
             } else {
                 tar::EntryType::Fifo
             };
-            let xattrs = layer_xattrs(&full)?;
-            out.entry(&path, kind, &meta, mode, None, &xattrs, None)?;
+            ChildKind::Node {
+                kind,
+                xattrs: layer_xattrs(&full)?,
+            }
+        } else {
+            ChildKind::Skip
+        };
+        children.push(Child { name, meta, kind });
+    }
+    Ok(children)
+}
+
+/// The regular file `name` of `dir`, its data read when it fits `budget`; `None` when it
+/// is no longer a regular file there.
+fn read_regular(
+    dir: &fs::File,
+    name: std::ffi::OsString,
+    full: &Path,
+    budget: &mut usize,
+) -> Result<Option<Child>> {
+    let Some(mut file) = open_regular(dir, &name) else {
+        return Ok(None);
+    };
+    let meta = file
+        .metadata()
+        .map_err(|e| Error::io(format!("stat {}", full.display()), e))?;
+    if !meta.is_file() {
+        return Ok(None);
+    }
+    let xattrs = layer_xattrs_of(&file, full)?;
+    let size = meta.len();
+    let content = match usize::try_from(size) {
+        Ok(n) if size <= READ_WHOLE_MAX && n <= *budget => {
+            *budget -= n;
+            let mut bytes = Vec::with_capacity(n);
+            io::Read::by_ref(&mut file)
+                .take(size)
+                .read_to_end(&mut bytes)
+                .map_err(|e| Error::io(format!("copy {}", full.display()), e))?;
+            Content::Read(bytes)
         }
-        // Sockets cannot be carried in a tar and are skipped.
+        _ => Content::Later,
+    };
+    Ok(Some(Child {
+        name,
+        meta,
+        kind: ChildKind::Regular { xattrs, content },
+    }))
+}
+
+/// Opens the regular file at `path` as [`open_regular`] does.
+fn open_path_regular(path: &Path) -> Option<fs::File> {
+    let dir = fs::File::open(path.parent()?).ok()?;
+    open_regular(&dir, path.file_name()?)
+}
+
+/// Writes the entries of the directory whose listing comes next from `rx`, and below.
+fn write_tree<W: Write>(
+    out: &mut TarOut<W>,
+    rx: &std::sync::mpsc::Receiver<Listing>,
+    dir: &Path,
+    rel: &[u8],
+) -> Result<()> {
+    let children = rx
+        .recv()
+        .map_err(|_| Error::io("list layer files", io::Error::other("reader stopped")))??;
+    for Child { name, meta, kind } in children {
+        let full = dir.join(&name);
+        let mut path = rel.to_vec();
+        if !path.is_empty() {
+            path.push(b'/');
+        }
+        path.extend_from_slice(name.as_bytes());
+        let mode = meta.mode() & 0o7777;
+        match kind {
+            ChildKind::Whiteout => {
+                let mut wh = rel.to_vec();
+                if !wh.is_empty() {
+                    wh.push(b'/');
+                }
+                wh.extend_from_slice(WHITEOUT_PREFIX);
+                wh.extend_from_slice(name.as_bytes());
+                // Mode 0 as overlayfs creates them; the device's own bits mean nothing.
+                out.entry(&wh, tar::EntryType::Regular, &meta, 0, None, &[], None)?;
+            }
+            ChildKind::Dir { xattrs, opaque } => {
+                let mut dpath = path.clone();
+                dpath.push(b'/');
+                out.entry(
+                    &dpath,
+                    tar::EntryType::Directory,
+                    &meta,
+                    mode,
+                    None,
+                    &xattrs,
+                    None,
+                )?;
+                if opaque {
+                    let mut marker = path.clone();
+                    marker.push(b'/');
+                    marker.extend_from_slice(OPAQUE_MARKER);
+                    out.entry(&marker, tar::EntryType::Regular, &meta, 0, None, &[], None)?;
+                }
+                write_tree(out, rx, &full, &path)?;
+            }
+            ChildKind::Symlink { target, xattrs } => {
+                out.entry(
+                    &path,
+                    tar::EntryType::Symlink,
+                    &meta,
+                    mode,
+                    Some(target.as_os_str().as_bytes()),
+                    &xattrs,
+                    None,
+                )?;
+            }
+            ChildKind::Regular { xattrs, content } => {
+                write_regular(out, &path, &full, &meta, xattrs, content)?;
+            }
+            ChildKind::Node { kind, xattrs } => {
+                out.entry(&path, kind, &meta, mode, None, &xattrs, None)?;
+            }
+            ChildKind::Skip => {}
+        }
     }
     Ok(())
 }
@@ -935,8 +1106,9 @@ fn write_regular<W: Write>(
     out: &mut TarOut<W>,
     path: &[u8],
     full: &Path,
-    file: fs::File,
     meta: &fs::Metadata,
+    xattrs: Vec<(String, Vec<u8>)>,
+    content: Content,
 ) -> Result<()> {
     let mode = meta.mode() & 0o7777;
     // Only paths inside this tree become hardlink entries, to the first of them written:
@@ -964,7 +1136,6 @@ fn write_regular<W: Write>(
         out.link_paths.extend_from_slice(path);
         out.links.insert(key, (start, out.link_paths.len()));
     }
-    let xattrs = layer_xattrs_of(&file, full)?;
     let size = meta.len();
     out.entry(
         path,
@@ -973,7 +1144,7 @@ fn write_regular<W: Write>(
         mode,
         None,
         &xattrs,
-        Some((file, full, size)),
+        Some((content, full, size)),
     )
 }
 
@@ -990,7 +1161,12 @@ pub fn write_layer(upper: &Path, out: impl Write, opts: &DiffOptions) -> Result<
         link_paths: Vec::new(),
         epoch: opts.source_date_epoch,
     };
-    write_dir(&mut t, upper, b"")?;
+    std::thread::scope(|s| {
+        let (tx, rx) = std::sync::mpsc::sync_channel(LISTINGS_AHEAD);
+        s.spawn(move || read_tree(upper, &tx));
+        // On an error `rx` is dropped here, so the reader's next send fails and it stops.
+        write_tree(&mut t, &rx, upper, b"")
+    })?;
     t.raw(&[0u8; 1024])?;
     t.out.flush().map_err(|e| Error::io("flush layer tar", e))?;
     Ok(crate::sha256_digest(t.out.hasher))
