@@ -892,7 +892,7 @@ type Listing = Result<Vec<Child>>;
 /// Listings the reader may be ahead by, and the file data one listing holds at most
 /// (files past it, and any file over [`READ_WHOLE_MAX`], are read by the writer).
 const LISTINGS_AHEAD: usize = 2;
-const LISTING_DATA_MAX: usize = 8 << 20;
+const LISTING_DATA_MAX: usize = 4 << 20;
 const READ_WHOLE_MAX: u64 = 256 << 10;
 
 /// Sends the listing of `dir`, then those of its subdirectories in order; false once the

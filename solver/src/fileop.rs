@@ -693,36 +693,54 @@ pub(crate) struct Prefetch<'a> {
 
 /// Directory listings a context walk leaves for the copy of the same context that follows
 /// it (the cache key is computed right before the step runs): the copy then stats nothing
-/// again, and copies exactly the files the key was computed from. Each listing is used
-/// once; a tree bigger than [`ListingCache::MAX_ENTRIES`] is not kept.
+/// again, and copies exactly the files the key was computed from. The walk hands over
+/// the listings it read ahead once it is done with them (no copies). Each listing is used
+/// once; past [`ListingCache::MAX_ENTRIES`] entries no more are kept.
 #[derive(Default)]
-pub struct ListingCache(std::sync::Mutex<HashMap<PathBuf, Vec<(OsString, Metadata)>>>);
+pub struct ListingCache(std::sync::Mutex<Kept>);
+
+/// A directory's sorted (name, stat) entries.
+type Entries = Vec<(OsString, Metadata)>;
+
+#[derive(Default)]
+struct Kept {
+    listings: HashMap<PathBuf, Entries>,
+    entries: usize,
+}
 
 impl ListingCache {
     const MAX_ENTRIES: usize = 200_000;
 
-    fn put(&self, listings: &Listings) {
-        if listings.values().map(|l| l.entries.len()).sum::<usize>() > Self::MAX_ENTRIES {
-            return;
-        }
-        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        for (dir, l) in listings {
-            map.insert(dir.clone(), l.entries.clone());
+    fn keep(&self, dir: PathBuf, entries: Entries) {
+        let mut kept = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if kept.entries + entries.len() <= Self::MAX_ENTRIES {
+            kept.entries += entries.len();
+            kept.listings.insert(dir, entries);
         }
     }
 
-    fn take(&self, dir: &Path) -> Option<Vec<(OsString, Metadata)>> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).remove(dir)
+    fn take(&self, dir: &Path) -> Option<Entries> {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .listings
+            .remove(dir)
     }
 }
 
 /// Directory listings read ahead of a walk: absolute directory -> its listing.
 type Listings = HashMap<PathBuf, DirListing>;
 
+/// What a walk reads its listings from, and where it leaves them once walked.
+struct ReadAhead<'a> {
+    listings: Listings,
+    keep: Option<&'a ListingCache>,
+}
+
 /// Sorted (name, stat) of a directory's entries, and when asked for, the xattr names of
 /// each singly-linked regular file (`None` for other entries).
 struct DirListing {
-    entries: Vec<(OsString, Metadata)>,
+    entries: Entries,
     xattrs: Vec<Option<XattrNames>>,
 }
 
@@ -812,10 +830,11 @@ fn walk_source_with(
                 &out,
             );
             pre = out.into_inner().unwrap_or_else(|p| p.into_inner());
-            if let Some(cache) = how.listings_to {
-                cache.put(&pre);
-            }
         }
+        let mut pre = ReadAhead {
+            listings: pre,
+            keep: prefetch.and_then(|how| how.listings_to),
+        };
         walk_dir(&abs, &rel, resolved, filter, &mut pending, &mut pre, v)?;
         v.visit(WalkEvent::DirEnd, &entry)
     } else {
@@ -846,10 +865,10 @@ fn walk_dir(
     root_rel: &Path,
     filter: &Filter,
     pending: &mut Vec<Pending>,
-    pre: &mut Listings,
+    pre: &mut ReadAhead,
     v: &mut dyn Visitor,
 ) -> Result<(), FileOpError> {
-    let listing = match pre.remove(abs) {
+    let listing = match pre.listings.remove(abs) {
         Some(l) => l,
         None => DirListing {
             entries: sorted_dir_md(abs)?,
@@ -857,18 +876,18 @@ fn walk_dir(
         },
     };
     let mut xattrs = listing.xattrs.into_iter();
-    for (name, md) in listing.entries {
+    for (name, md) in &listing.entries {
         let names = xattrs.next().flatten();
-        let c_abs = abs.join(&name);
-        let c_rel = join_rel(rel, &name);
-        let c_root_rel = join_rel(root_rel, &name);
+        let c_abs = abs.join(name);
+        let c_rel = join_rel(rel, name);
+        let c_root_rel = join_rel(root_rel, name);
         let (included, descend) =
             filter.check(&c_root_rel.to_string_lossy(), &c_rel.to_string_lossy());
         let entry = WalkEntry {
             abs: &c_abs,
             rel: &c_rel,
             root_rel: &c_root_rel,
-            md: &md,
+            md,
             xattrs: names.as_ref(),
         };
         if md.is_dir() {
@@ -896,6 +915,9 @@ fn walk_dir(
             flush(pending, v)?;
             v.visit(WalkEvent::Leaf, &entry)?;
         }
+    }
+    if let Some(cache) = pre.keep {
+        cache.keep(abs.to_path_buf(), listing.entries);
     }
     Ok(())
 }
