@@ -526,3 +526,55 @@ fn writing_a_layer_leaves_access_times_alone() {
         "the export read the file without touching its access time"
     );
 }
+
+/// A sink that takes `left` bytes, then fails.
+struct FailingSink {
+    left: usize,
+}
+
+impl Write for FailingSink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.left == 0 {
+            return Err(std::io::Error::other("disk full"));
+        }
+        let n = buf.len().min(self.left);
+        self.left -= n;
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn a_failing_sink_stops_the_export_instead_of_hanging_its_reader() {
+    // More directories than the reader may read ahead, each with files, so the reader is
+    // blocked handing over a listing when the writer fails.
+    let upper = tempfile::tempdir().unwrap();
+    for d in 0..20 {
+        let dir = upper.path().join(format!("d{d:02}"));
+        fs::create_dir(&dir).unwrap();
+        for f in 0..20 {
+            fs::write(dir.join(format!("f{f:02}")), vec![b'x'; 3000]).unwrap();
+        }
+    }
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    let path = upper.path().to_path_buf();
+    std::thread::spawn(move || {
+        let r = write_layer(&path, FailingSink { left: 10_000 }, &DiffOptions::default());
+        let _ = done_tx.send(r.map(|_| ()).map_err(|e| {
+            let mut chain = e.to_string();
+            let mut source = std::error::Error::source(&e);
+            while let Some(s) = source {
+                chain.push_str(&format!(": {s}"));
+                source = s.source();
+            }
+            chain
+        }));
+    });
+    let result = done_rx
+        .recv_timeout(std::time::Duration::from_secs(20))
+        .expect("the export returned");
+    let err = result.expect_err("the sink failed");
+    assert!(err.contains("disk full"), "{err}");
+}
