@@ -252,9 +252,10 @@ impl StatCache {
         tmp_name.push(format!(".tmp.{}", std::process::id()));
         let tmp = PathBuf::from(tmp_name);
         let write = || -> io::Result<()> {
+            // Not synced: a cache. A file torn by a crash fails its checksum on load and
+            // the next build hashes the context again.
             let mut f = File::create(&tmp)?;
             f.write_all(&bytes)?;
-            f.sync_all()?;
             fs::rename(&tmp, path)
         };
         write().map_err(|e| {
@@ -376,7 +377,9 @@ fn decode(bytes: &[u8]) -> Option<HashMap<StatKey, Slot>> {
     }
     let mut r = body.strip_prefix(MAGIC)?;
     let count = u64::from_le_bytes(take(&mut r)?);
-    let mut out = HashMap::new();
+    // Each entry takes at least 77 bytes, so a corrupt count cannot reserve more than the
+    // file could hold.
+    let mut out = HashMap::with_capacity(usize::try_from(count).ok()?.min(r.len() / 77));
     for _ in 0..count {
         let plen = u32::from_le_bytes(take(&mut r)?) as usize;
         let path = r.get(..plen)?.to_vec();
