@@ -426,6 +426,12 @@ fn link_dir(
     // SAFETY: valid fd and a two-element timespec array.
     check(unsafe { libc::futimens(dfd.as_raw_fd(), ts.as_ptr()) })
         .map_err(io_err("set times of", &abs_dir))?;
+    // The links are made after the overlay's unmount, whose sync covered the rest of the
+    // copy: they must be on disk before the snapshot is committed, or a crash could leave
+    // a cache record for a snapshot missing files. (On ext4 the first fsync commits the
+    // journal with every directory's links; the others find nothing left.)
+    // SAFETY: fsync on a directory descriptor this function owns.
+    check(unsafe { libc::fsync(dfd.as_raw_fd()) }).map_err(io_err("sync", &abs_dir))?;
     Ok(report)
 }
 
@@ -487,7 +493,9 @@ fn copy_into(
     let ts = [timespec(a.atime), timespec(a.mtime)];
     // SAFETY: valid fd and a two-element timespec array.
     check(unsafe { libc::futimens(out.as_raw_fd(), ts.as_ptr()) })
-        .map_err(io_err("set times of", path))
+        .map_err(io_err("set times of", path))?;
+    // Written after the unmount's sync, like the links (see `link_dir`).
+    out.sync_all().map_err(io_err("sync", path))
 }
 
 fn timespec((secs, nanos): (i64, i64)) -> libc::timespec {
