@@ -107,41 +107,37 @@ impl Writer {
         Ok(())
     }
 
-    /// Writes the staged bytes: whole blocks with O_DIRECT, and (only at the end) the
-    /// unaligned rest through the page cache.
+    /// Writes the staged bytes: whole blocks with O_DIRECT and, only at the end (or once
+    /// the filesystem refuses a direct write), the rest through the page cache, for good.
     fn write_staged(&mut self, last: bool) -> std::io::Result<()> {
         let len = self.staged.len;
         let aligned = len / ALIGN * ALIGN;
+        let mut done = 0;
         if aligned > 0 {
-            let res = {
-                let bytes = &self.staged.filled()[..aligned];
-                self.file.as_file().write_all(bytes)
-            };
-            match res {
-                Ok(()) => self.written += aligned as u64,
+            match self
+                .file
+                .as_file()
+                .write_all(&self.staged.filled()[..aligned])
+            {
+                Ok(()) => done = aligned,
                 // A filesystem that takes the flag but not the write: buffered from here.
-                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                    crate::sys::set_direct(self.file.as_file(), false);
-                    self.direct = Some(false);
-                    let bytes = self.staged.filled()[..len].to_vec();
-                    self.staged.len = 0;
-                    return self.write_buffered(&bytes);
-                }
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
                 Err(e) => return Err(e),
             }
+            self.written += done as u64;
         }
-        if aligned < len {
-            if !last {
-                return Err(std::io::Error::other("unaligned blob window"));
-            }
-            crate::sys::set_direct(self.file.as_file(), false);
-            self.direct = Some(false);
-            let rest = self.staged.filled()[aligned..len].to_vec();
+        if done == len {
             self.staged.len = 0;
-            return self.write_buffered(&rest);
+            return Ok(());
         }
-        self.staged.len = 0;
-        Ok(())
+        if done == aligned && !last {
+            return Err(std::io::Error::other("unaligned blob window"));
+        }
+        crate::sys::set_direct(self.file.as_file(), false);
+        self.direct = Some(false);
+        // No window is staged again once writes are buffered.
+        let staged = std::mem::replace(&mut self.staged, Staged::new());
+        self.write_buffered(&staged.filled()[done..])
     }
 }
 
