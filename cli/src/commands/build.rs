@@ -268,16 +268,15 @@ pub fn run(cli: &Cli, args: &BuildArgs) -> Result<i32> {
     let solver =
         Solver::new(&restoring, &cache, &progress, parallelism, &CANCELLED).with_bound(bound);
     let solved = solver.solve(&plan.definition);
-    // The stat cache is written while the last layers are made (joined on every return).
-    let _saving = JoinOnDrop(Some({
-        let stat_cache = stat_cache.clone();
-        std::thread::spawn(move || {
+    // The stat cache is written while the last layers are made.
+    std::thread::scope(|s| {
+        s.spawn(|| {
             let _ = stat_cache.save();
-        })
-    }));
-    if let Some(p) = &prefetch {
-        p.finish();
-    }
+        });
+        if let Some(p) = &prefetch {
+            p.finish();
+        }
+    });
     let imported = cache.report();
     if imported.hits > 0 {
         progress.event(ProgressEvent::Info {
@@ -354,15 +353,4 @@ pub fn run(cli: &Cli, args: &BuildArgs) -> Result<i32> {
     )?;
     build_cache::export_caches(&cache_state, &worker.registry, &cache_opts.to, &progress)?;
     Ok(0)
-}
-
-/// Joins a helper thread when dropped, so it finishes before the command returns.
-struct JoinOnDrop(Option<std::thread::JoinHandle<()>>);
-
-impl Drop for JoinOnDrop {
-    fn drop(&mut self) {
-        if let Some(t) = self.0.take() {
-            let _ = t.join();
-        }
-    }
 }
