@@ -881,7 +881,8 @@ enum ChildKind {
 
 enum Content {
     Read(Vec<u8>),
-    /// Too big to hold ahead: the writer reads it when it gets there.
+    /// Too big to hold ahead: the writer opens and reads it when it gets there (keeping
+    /// every such file open meanwhile could run out of descriptors in a big directory).
     Later,
 }
 

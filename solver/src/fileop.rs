@@ -687,7 +687,7 @@ pub(crate) struct Prefetch<'a> {
     pub xattrs: Option<&'a StatCache>,
     /// Take listings from here (a context walk made just before) instead of reading them.
     pub listings_from: Option<&'a ListingCache>,
-    /// Leave a copy of the listings here for a walk to come.
+    /// Hand the listings over to this cache, each once walked, for a walk to come.
     pub listings_to: Option<&'a ListingCache>,
 }
 
@@ -818,21 +818,23 @@ fn walk_source_with(
     if md.is_dir() {
         v.visit(WalkEvent::DirStart, &entry)?;
         let mut pending = Vec::new();
-        let mut pre = Listings::new();
-        if let Some(how) = prefetch {
-            let out = std::sync::Mutex::new(Listings::new());
-            prefetch_dir(
-                abs.clone(),
-                rel.clone(),
-                resolved.to_path_buf(),
-                filter,
-                how,
-                &out,
-            );
-            pre = out.into_inner().unwrap_or_else(|p| p.into_inner());
-        }
+        let listings = match prefetch {
+            Some(how) => {
+                let out = std::sync::Mutex::new(Listings::new());
+                prefetch_dir(
+                    abs.clone(),
+                    rel.clone(),
+                    resolved.to_path_buf(),
+                    filter,
+                    how,
+                    &out,
+                );
+                out.into_inner().unwrap_or_else(|p| p.into_inner())
+            }
+            None => Listings::new(),
+        };
         let mut pre = ReadAhead {
-            listings: pre,
+            listings,
             keep: prefetch.and_then(|how| how.listings_to),
         };
         walk_dir(&abs, &rel, resolved, filter, &mut pending, &mut pre, v)?;
